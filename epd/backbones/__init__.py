@@ -1,0 +1,1 @@
+"""Backbone adapters implementing the Denoiser contract (:mod:`epd.backbones.base`)."""

@@ -1,0 +1,88 @@
+"""``epd <command>``: the command-line entry point.
+
+Each command lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int | None``;
+this file only maps command names to modules, so modules are imported lazily (heavy packages such as
+diffusers or open_clip load only for the command that needs them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from .errors import EPDError
+
+# (command words, module, one-line help)
+COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
+    (("bench", "convergence"), "epd.bench.convergence", "solver convergence orders on the analytic GMM"),
+    (("bench", "backbone"), "epd.bench.backbone", "train the embedded digits backbone and measure it"),
+    (("bench", "solvers"), "epd.bench.solvers", "baselines vs distilled EPD on the embedded backbone"),
+    (("bench", "rdpo"), "epd.bench.rdpo", "RDPO vs distilled table on held-out prompts"),
+    (("backbone", "train"), "epd.backbones.digits_train", "train the embedded digits backbone"),
+    (("backbone", "check"), "epd.backbones.check", "resolve a backbone's weights (fails listing missing files)"),
+    (("teacher",), "epd.teacher", "generate teacher trajectories on a student grid"),
+    (("distill",), "epd.distill", "Stage 1: distil an EPD table from teacher trajectories"),
+    (("rdpo",), "epd.rdpo.cli", "Stage 2: RDPO fine-tuning of an EPD table"),
+    (("rdpo-export",), "epd.rdpo.export", "export a policy checkpoint's mean table as a snapshot"),
+    (("sample",), "epd.sample", "sample images with any solver or EPD snapshot"),
+    (("evaluate",), "epd.evaluate", "score a sample directory with registered metrics"),
+    (("metrics", "list"), "epd.rewards.list_cmd", "list registered scorers"),
+    (("predictor", "show"), "epd.predictor_cli", "print a summary of a snapshot (.pkl or native)"),
+    (("predictor", "convert"), "epd.predictor_cli", "convert a legacy .pkl snapshot to the native format"),
+    (("report",), "epd.report", "export MLflow runs and build tables and plots"),
+    (("validate-config",), "epd.config", "validate a workflow config against the schema"),
+]
+
+
+def _build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    parser = argparse.ArgumentParser(prog="epd", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="_cmd", metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    handlers = {}
+    for words, module, help_ in COMMANDS:
+        parent = sub
+        for depth, word in enumerate(words[:-1]):
+            key = " ".join(words[: depth + 1])
+            if key not in groups:
+                gp = parent.add_parser(word, help=f"{word} commands")
+                groups[key] = gp.add_subparsers(dest=f"_cmd{depth + 1}", metavar="SUBCOMMAND")
+            parent = groups[key]
+        p = parent.add_parser(words[-1], help=help_, description=help_)
+        p.set_defaults(_module=module, _words=words)
+        handlers[words] = (p, module)
+    return parser, handlers
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    parser, handlers = _build_parser()
+    # Only the chosen command's module is imported to add its arguments.
+    for words, (p, module) in handlers.items():
+        if argv[: len(words)] == list(words) or (len(argv) > len(words) and argv[1: len(words) + 1] == list(words)):
+            mod = importlib.import_module(module)
+            mod.add_arguments(p)
+            break
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "_module", None):
+        parser.print_help()
+        return 2
+    mod = importlib.import_module(args._module)
+    try:
+        rc = mod.run(args)
+    except EPDError as e:
+        print(f"epd {' '.join(args._words)}: error: {e}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

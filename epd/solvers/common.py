@@ -1,0 +1,113 @@
+"""Shared pieces of every solver: argument checks, NFE/forward-pass accounting, the ODE slope."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..backbones.base import batch_of
+from ..errors import ConfigError, NonFiniteError
+
+__all__ = ["SolverOutput", "CountingDenoiser", "check_sigmas", "to_d", "append_zero"]
+
+
+@dataclass
+class SolverOutput:
+    """Result of one solver run.
+
+    Attributes:
+        x (`torch.Tensor`): final state (at the last grid point, or the denoised estimate when the grid ends at 0).
+        nfe (`int`): sequential denoiser evaluations (one batched call over K parallel points counts once).
+        forward_passes (`int`): network forward passes per sample, counting every parallel point and the
+            classifier-free-guidance doubling.
+        paper_nfe (`int`): NFE as the paper's tables count it (same as ``nfe`` for baselines; for EPD
+            ``2 (N - 1) - [afs]``).
+        trajectory (`list`): states at every grid point when requested.
+    """
+
+    x: torch.Tensor
+    nfe: int
+    forward_passes: int
+    paper_nfe: int
+    trajectory: list = field(default_factory=list)
+
+
+class CountingDenoiser:
+    """Wraps a denoiser to count sequential calls and per-sample forward passes, and to catch NaN/inf."""
+
+    def __init__(self, denoiser: Callable, batch: int, context: str = ""):
+        self.inner = denoiser
+        self.batch = batch
+        self.calls = 0
+        self.points = 0
+        self.context = context
+        self.step = None
+        self.passes_per_eval = int(getattr(denoiser, "passes_per_eval", 1))
+        self.coords = getattr(denoiser, "coords", "edm")
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        self.calls += 1
+        self.points += max(1, x.shape[0] // max(self.batch, 1))
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+        if sigma.dim() == 0:
+            sigma = sigma.expand(x.shape[0])
+        out = self.inner(x, sigma, cond)
+        if not torch.isfinite(out).all():
+            bad = (~torch.isfinite(out.reshape(out.shape[0], -1))).any(1).nonzero().flatten().tolist()
+            raise NonFiniteError(
+                f"denoiser returned NaN/inf at step {self.step} (sigma={sigma[bad[0]].item():.6g}) for batch rows "
+                f"{bad[:8]}{' ...' if len(bad) > 8 else ''}{self.context}")
+        return out
+
+    @property
+    def forward_passes(self) -> int:
+        return self.points * self.passes_per_eval
+
+
+def check_sigmas(sigmas: torch.Tensor, *, allow_final_zero: bool = True, name: str = "sigmas") -> torch.Tensor:
+    """Validate a noise-level grid: 1-D, at least two values, finite, strictly decreasing, positive except
+    possibly a final 0."""
+    sigmas = torch.as_tensor(sigmas)
+    if sigmas.dim() != 1 or sigmas.numel() < 2:
+        raise ConfigError(f"{name}: expected a 1-D grid of at least 2 noise levels, got shape {tuple(sigmas.shape)}")
+    if not torch.isfinite(sigmas).all():
+        raise ConfigError(f"{name}: contains NaN or inf: {sigmas.tolist()}")
+    if not (sigmas[1:] < sigmas[:-1]).all():
+        raise ConfigError(f"{name}: must be strictly decreasing, got {[round(s, 6) for s in sigmas.tolist()]}")
+    positive = sigmas[:-1] if allow_final_zero else sigmas
+    if not (positive > 0).all() or sigmas[-1] < 0:
+        raise ConfigError(f"{name}: noise levels must be > 0{' (a final 0 is allowed)' if allow_final_zero else ''}, "
+                          f"got {sigmas.tolist()}")
+    return sigmas
+
+
+def to_d(x: torch.Tensor, sigma, denoised: torch.Tensor) -> torch.Tensor:
+    """ODE slope ``dx/dsigma = (x - D(x, sigma)) / sigma``."""
+    return (x - denoised) / _bcast(sigma, x)
+
+
+def _bcast(v, x: torch.Tensor) -> torch.Tensor:
+    v = torch.as_tensor(v, dtype=x.dtype, device=x.device)
+    if v.dim() == 0:
+        return v
+    return v.reshape(v.shape[0], *([1] * (x.dim() - 1)))
+
+
+def append_zero(sigmas: torch.Tensor) -> torch.Tensor:
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def new_counter(denoiser, x, cond, context=""):
+    return CountingDenoiser(denoiser, batch_of(cond, x.shape[0]), context)
+
+
+def sig(sigmas: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
+    """Noise level ``i`` as a scalar tensor in x's dtype/device."""
+    return sigmas[i].to(dtype=x.dtype, device=x.device)
+
+
+def log_ratio(a: float, b: float) -> float:
+    return math.log(a) - math.log(b)
