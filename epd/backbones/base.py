@@ -85,3 +85,36 @@ def batch_of(cond: Any, default: int) -> int:
     if isinstance(cond, torch.Tensor):
         return cond.shape[0]
     return getattr(cond, "batch", default)
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """A loaded backbone: the denoiser plus everything a sampler needs around it.
+
+    Attributes:
+        name (`str`): registry name (``digits``, ``gmm``, ``sd15``, ``sd3``, ``flux``).
+        denoiser (:class:`Denoiser`): CFG applied inside; K stacked points in one call.
+        coords (`str`): the denoiser's coordinates (``"edm"`` or ``"flow"``).
+        sigma_min (`float`), sigma_max (`float`): default grid range in those coordinates.
+        default_schedule (`str`): schedule name used when none is given (see :mod:`epd.schedules`).
+    """
+
+    name: str
+    denoiser: Denoiser
+    coords: str
+    sigma_min: float
+    sigma_max: float
+    default_schedule: str
+
+    def prepare(self, prompts: list[str]) -> Any:
+        """Conditioning for a prompt batch, computed once (text embeddings cached; labels for digits)."""
+
+    def noise(self, seeds: list[int]) -> torch.Tensor:
+        """Initial states at ``sigma_max`` for the given seeds: ``randn`` from ``torch.Generator().manual_seed(seed)``
+        per seed (CPU generator, so the same on every device), scaled to the denoiser's coordinates."""
+
+    def sigmas(self, num_points: int, schedule: str | None = None, **kw) -> torch.Tensor:
+        """The ``num_points`` grid (decreasing, ending above 0) in the denoiser's coordinates."""
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, 3, H, W)`` in ``[0, 1]`` from final states."""
