@@ -14,7 +14,7 @@ import torch
 from ..errors import ConfigError
 from .common import SolverOutput, append_zero, check_sigmas
 from .epd import sample_epd, sample_epd_ipndm
-from .multistep import sample_dpmpp_2m, sample_dpmpp_3m, sample_ipndm, sample_unipc
+from .multistep import sample_dpmpp_2m, sample_dpmpp_3m, sample_dpmpp_3m_diffusers, sample_ipndm, sample_ipndm_v, sample_unipc
 from .single_step import sample_dpm2, sample_euler, sample_heun
 
 __all__ = ["SOLVERS", "get_solver", "solve", "SolverOutput", "solver_paper_nfe", "steps_for_nfe"]
@@ -26,9 +26,11 @@ SOLVERS = {
     "dpm2": sample_dpm2,
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_3m": sample_dpmpp_3m,
+    "dpmpp_3m_diffusers": sample_dpmpp_3m_diffusers,
     "unipc": sample_unipc,
     "ipndm": sample_ipndm,
     "ipndm3": functools.partial(sample_ipndm, max_order=3),
+    "ipndm_v": sample_ipndm_v,
     "epd": sample_epd,
     "epd_ipndm": sample_epd_ipndm,
 }
