@@ -38,10 +38,10 @@ def epd_points(x, d, s, t, row):
     return s_k, y
 
 
-@torch.no_grad()
 def sample_epd(denoiser, x, sigmas, *, cond=None, table=None, callback=None, afs: bool | None = None,
                plugin: str | None = None, max_order: int | None = None, parallel: bool = True,
-               denoise_to_zero: bool = False, return_trajectory: bool = False, context: str = ""):
+               denoise_to_zero: bool = False, return_trajectory: bool = False, context: str = "",
+               grad: bool = False, detach_between_steps: bool = False):
     """Sample with the EPD solver.
 
     Args:
@@ -55,10 +55,19 @@ def sample_epd(denoiser, x, sigmas, *, cond=None, table=None, callback=None, afs
         max_order (`int`, *optional*): iPNDM order for the plugin (default: table's ``max_order`` or 4).
         parallel (`bool`): evaluate the K points in one batched call (True) or one call each (identical results).
         denoise_to_zero (`bool`): finish with ``x = D(x, sigma_last)`` (one more evaluation).
+        grad (`bool`): keep the autograd graph (Stage-1 distillation differentiates through the table).
+        detach_between_steps (`bool`): with ``grad``, cut the graph between coarse steps.
 
     Returns:
         :class:`~epd.solvers.common.SolverOutput` with ``paper_nfe = 2 (N - 1) - [afs]`` (+1 if denoise_to_zero).
     """
+    with torch.set_grad_enabled(grad):
+        return _sample_epd(denoiser, x, sigmas, cond, table, callback, afs, plugin, max_order, parallel,
+                           denoise_to_zero, return_trajectory, context, detach_between_steps)
+
+
+def _sample_epd(denoiser, x, sigmas, cond, table, callback, afs, plugin, max_order, parallel, denoise_to_zero,
+                return_trajectory, context, detach_between_steps):
     if table is None:
         raise ConfigError("table: the EPD solver needs a parameter table (EPDTable, snapshot path or predictor)")
     sigmas = check_sigmas(sigmas, allow_final_zero=False)
@@ -107,6 +116,8 @@ def sample_epd(denoiser, x, sigmas, *, cond=None, table=None, callback=None, afs
         x = x + (t - s) * (coef * g).sum(1)
         if traj:
             traj.append(x)
+        if detach_between_steps:
+            x = x.detach()
         if callback is not None:
             callback({"i": n, "x": x, "sigma": s, "sigma_next": t, "points": s_k})
     paper_nfe = 2 * n_steps - int(bool(afs))

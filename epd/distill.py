@@ -1,0 +1,243 @@
+"""``epd distill``: Stage 1 — learn an EPD table by matching teacher states along the student's own trajectory.
+
+For every coarse step ``n`` the student takes one EPD step from its own previous state (the first from the
+teacher's initial noise) and is compared with the teacher state at ``sigma_{n+1}`` (spec §4.3). The loss is the
+sum over steps of the per-step mean squared error (``final_weight`` scales the last step); gradients flow
+through the whole chain unless ``detach_between_steps``. Adam with the original's defaults (betas 0.9/0.999,
+eps 1e-8), optional cosine schedule. Checkpoints hold parameters, optimizer, RNG state and iteration, so a
+killed run resumes to the same result as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .errors import ConfigError, EPDError
+from .io import atomic_path, atomic_write_text
+from .predictor import EPDTable, save, uniform_table
+from .solvers.epd import sample_epd
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EPDParameters", "DistillConfig", "distill"]
+
+
+class EPDParameters(nn.Module):
+    """Unconstrained parameters of an EPD table.
+
+    ``positions = cumsum(softmax(seg_logits))[:K]`` (strictly increasing, in (0, 1)), ``weights =
+    softmax(w_logits)``, scales ``c = 1 - s + 2 s sigmoid(raw)`` for a range ``s > 0`` (``raw = 0`` gives 1).
+    """
+
+    def __init__(self, table: EPDTable, scale_dir: float = 0.0, scale_time: float = 0.0):
+        super().__init__()
+        self.meta = dict(table.meta)
+        self.seg_logits = nn.Parameter(torch.log(table.segments()).float())
+        self.w_logits = nn.Parameter(torch.log(table.weights).float())
+        self.scale_dir, self.scale_time = float(scale_dir), float(scale_time)
+        n, k = table.positions.shape
+        self.dir_raw = nn.Parameter(self._raw(table.scale_dir, self.scale_dir, (n, k))) if scale_dir > 0 else None
+        self.time_raw = nn.Parameter(self._raw(table.scale_time, self.scale_time, (n, k))) if scale_time > 0 else None
+
+    @staticmethod
+    def _raw(values, rng, shape):
+        if values is None:
+            return torch.zeros(shape)
+        u = ((values - (1 - rng)) / (2 * rng)).clamp(1e-6, 1 - 1e-6)
+        return torch.logit(u).float()
+
+    @property
+    def num_steps(self) -> int:
+        return self.seg_logits.shape[0] + 1
+
+    def _scale(self, raw, rng):
+        return None if raw is None else (1 - rng) + 2 * rng * torch.sigmoid(raw)
+
+    def row(self, n: int, dtype=torch.float32, device=None) -> dict[str, torch.Tensor]:
+        seg = torch.softmax(self.seg_logits[n], -1)
+        K = seg.shape[0] - 1
+        ones = torch.ones(K, dtype=dtype, device=device)
+        c, a = self._scale(self.dir_raw, self.scale_dir), self._scale(self.time_raw, self.scale_time)
+        return {"positions": torch.cumsum(seg, -1)[:K].to(dtype=dtype, device=device),
+                "weights": torch.softmax(self.w_logits[n], -1).to(dtype=dtype, device=device),
+                "scale_dir": ones if c is None else c[n].to(dtype=dtype, device=device),
+                "scale_time": ones if a is None else a[n].to(dtype=dtype, device=device)}
+
+    @torch.no_grad()
+    def to_table(self, meta: dict | None = None, provenance: dict | None = None) -> EPDTable:
+        seg = torch.softmax(self.seg_logits.double(), -1)
+        return EPDTable.from_segments(
+            seg, torch.softmax(self.w_logits.double(), -1),
+            scale_dir=None if self.dir_raw is None else self._scale(self.dir_raw.double(), self.scale_dir),
+            scale_time=None if self.time_raw is None else self._scale(self.time_raw.double(), self.scale_time),
+            meta={**self.meta, **(meta or {}), "scale_dir": self.scale_dir, "scale_time": self.scale_time},
+            provenance=provenance or {})
+
+
+@dataclass
+class DistillConfig:
+    """Stage-1 hyper-parameters (config section ``distill``)."""
+
+    iterations: int = 300
+    batch: int = 128
+    lr: float = 0.05
+    cosine: bool = True
+    lr_min_factor: float = 0.1
+    final_weight: float = 1.0
+    detach_between_steps: bool = False
+    save_every: int = 50
+    seed: int = 0
+    init_r_base: float = 0.5
+    init_r_eps: float = 0.33
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "DistillConfig":
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"distill: unknown keys {unknown}; accepted: {sorted(known)}")
+        cfg = cls(**d)
+        if cfg.iterations < 1 or cfg.batch < 1 or cfg.lr <= 0:
+            raise ConfigError("distill: iterations and batch must be >= 1 and lr > 0")
+        return cfg
+
+
+def _lr_at(cfg: DistillConfig, it: int) -> float:
+    if not cfg.cosine:
+        return cfg.lr
+    lo = cfg.lr * cfg.lr_min_factor
+    return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * it / cfg.iterations))
+
+
+def distill(backbone, *, sigmas: torch.Tensor, x_init: torch.Tensor, targets: torch.Tensor, prompts: list[str],
+            num_points: int, afs: bool, cfg: DistillConfig, out_dir: str | Path, scale_dir: float = 0.0,
+            scale_time: float = 0.0, meta: dict | None = None, run=None) -> EPDTable:
+    """Learn a table; writes ``out_dir/table.{safetensors,json}``, ``distill_log.jsonl``, ``checkpoint.pt``.
+
+    Args:
+        backbone: a :class:`~epd.backbones.base.Backbone` (frozen).
+        sigmas (`torch.Tensor`): student grid (``N`` points).
+        x_init (`torch.Tensor`): teacher initial states ``(n, ...)``.
+        targets (`torch.Tensor`): teacher states at student points 1..N-1, ``(n, N-1, ...)``.
+        prompts (`list[str]`): prompt of each trajectory.
+        num_points (`int`): K.
+        afs (`bool`): analytic first step.
+        run: optional :class:`epd.tracking.Run` for MLflow curves.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    N = len(sigmas)
+    if targets.shape[1] != N - 1 or targets.shape[0] != x_init.shape[0] or len(prompts) != x_init.shape[0]:
+        raise ConfigError(f"teacher set shapes do not match the student: states {tuple(targets.shape)}, "
+                          f"x_init {tuple(x_init.shape)}, {len(prompts)} prompts, grid of {N} points")
+    torch.manual_seed(cfg.seed)
+    meta = {"num_steps": N, "num_points": num_points, "afs": afs, **(meta or {})}
+    init = uniform_table(N, num_points, r_base=cfg.init_r_base, r_eps=cfg.init_r_eps, meta=meta)
+    params = EPDParameters(init, scale_dir, scale_time)
+    opt = torch.optim.Adam(params.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start, history = 0, []
+    ckpt = out_dir / "checkpoint.pt"
+    if ckpt.exists():
+        try:
+            state = torch.load(ckpt, weights_only=True)
+            params.load_state_dict(state["params"])
+            opt.load_state_dict(state["opt"])
+            gen.set_state(state["gen"])
+            start, history = int(state["iteration"]), list(state["history"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise EPDError(f"{ckpt}: cannot resume ({e}); delete it to start over") from None
+        log.info("resuming distillation at iteration %d", start)
+    den = backbone.denoiser
+    for p in getattr(den, "parameters", lambda: [])():
+        p.requires_grad_(False)
+    dtype = x_init.dtype
+    sig = sigmas.to(dtype)
+    n = x_init.shape[0]
+    t0 = time.time()
+    bar = tqdm(range(start, cfg.iterations), desc=f"distill N={N} K={num_points}", initial=start,
+               total=cfg.iterations, unit="it")
+    for it in bar:
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(cfg, it)
+        idx = torch.randperm(n, generator=gen)[: cfg.batch]
+        cond = backbone.prepare([prompts[i] for i in idx.tolist()])
+        out = sample_epd(den, x_init[idx], sig, cond=cond, table=params, afs=afs, grad=True,
+                         return_trajectory=True, detach_between_steps=cfg.detach_between_steps)
+        traj = torch.stack(out.trajectory[1:], 1)
+        per_step = ((traj - targets[idx]) ** 2).flatten(2).mean(2).mean(0)  # (N-1,)
+        w = torch.ones_like(per_step)
+        w[-1] = cfg.final_weight
+        loss = (w * per_step).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for p in params.parameters():
+            if p.grad is not None:
+                torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+        opt.step()
+        rec = {"iteration": it + 1, "loss": loss.item(), "final_rmse": per_step[-1].detach().sqrt().item(),
+               "lr": opt.param_groups[0]["lr"]}
+        history.append(rec)
+        bar.set_postfix(loss=f"{rec['loss']:.4g}")
+        if run is not None:
+            run.metrics({"loss": rec["loss"], "final_rmse": rec["final_rmse"]}, step=it + 1)
+        if (it + 1) % cfg.save_every == 0 or it + 1 == cfg.iterations:
+            with atomic_path(ckpt, suffix=".pt") as tmp:
+                torch.save({"params": params.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                            "iteration": it + 1, "history": history}, tmp)
+    table = params.to_table(provenance={"stage": "distill", "iterations": cfg.iterations, "config": asdict(cfg),
+                                        "final_loss": history[-1]["loss"] if history else None,
+                                        "seconds": round(time.time() - t0, 2)})
+    save(table, out_dir / "table")
+    atomic_write_text(out_dir / "distill_log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    return table
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def add_arguments(p):
+    p.add_argument("--config", required=True)
+    p.add_argument("--backbone", required=True)
+    p.add_argument("--nfe", type=int, required=True)
+    p.add_argument("--teacher", required=True, help="teacher folder written by `epd teacher`")
+    p.add_argument("--out", required=True, help="output folder (table.safetensors/json, log, checkpoint)")
+    p.add_argument("--weights", default=None, help="trained backbone folder (embedded backbone)")
+    p.add_argument("--device", default="cpu")
+
+
+def run(args):
+    from . import tracking
+    from .backbones import load_backbone
+    from .config import backbone_section, load_config
+    from .teacher import load_teacher, student_setup, teacher_sigmas
+
+    cfg = load_config(args.config)
+    sec = backbone_section(cfg, args.backbone)
+    st = student_setup(sec, args.nfe)
+    dcfg = DistillConfig.from_dict(sec.get("distill"))
+    bb = load_backbone(sec, device=args.device, weights_dir=args.weights)
+    student, _ = teacher_sigmas(bb, st["num_points_grid"], 0, st["schedule"], st["rho"])
+    manifest, x_init, states = load_teacher(args.teacher, expect_sigmas=student)
+    meta = {"backbone": sec.get("kind", args.backbone), "schedule_type": st["schedule"] or bb.default_schedule,
+            "schedule_rho": st["rho"], "sigma_min": float(student[-1]), "sigma_max": float(student[0]),
+            "coords": bb.coords, "guidance_rate": sec.get("guidance"), "guidance_type": "cfg",
+            "sampler_stu": "epd", "sampler_tea": manifest["solver"], "M": manifest["M"],
+            "dataset_name": args.backbone}
+    params = {"nfe": args.nfe, "K": st["K"], "afs": st["afs"], **asdict(dcfg), "teacher_hash": manifest["config_hash"]}
+    with tracking.start_run("distill", backbone=args.backbone, params=params,
+                            tags={"nfe": args.nfe, "teacher": str(args.teacher)}) as r:
+        table = distill(bb, sigmas=student, x_init=x_init, targets=states, prompts=manifest["prompts"],
+                        num_points=st["K"], afs=st["afs"], cfg=dcfg, out_dir=args.out, scale_dir=st["scale_dir"],
+                        scale_time=st["scale_time"], meta=meta, run=r)
+        r.artifact(Path(args.out) / "table.json")
+    print(table.summary())
+    return 0
