@@ -1,0 +1,375 @@
+"""Stage 2: RDPO — PPO on the residual Dirichlet policy over an EPD table (spec §6), made resumable and honest.
+
+Per PPO step:
+
+1. Take ``B / k`` prompts from a stream shuffled by the run seed (sharded across ranks) and repeat each ``k``
+   times (prompt-major); draw one latent seed per image.
+2. Sample one complete table per image from the policy, run the EPD solver with it (no gradients), decode,
+   and score with the weighted multi-reward (shared scorer registry).
+3. Advantages by leave-one-out: standard per-prompt RLOO (``advantage="rloo"``: LOO inside each prompt's
+   ``k`` images) or the original's mixed-prompt grouping (``advantage="legacy_mixed"``: rewards viewed as
+   ``(k, B/k)``, LOO over axis 0), then normalised over the batch.
+4. PPO clipped objective over ``ppo_epochs`` passes of shuffled minibatches, plus optional ``kl_coef * KL(pi ||
+   pi_start)`` and ``- entropy_coef * H``; AdamW; gradient-norm clipping.
+
+Checkpoints hold policy, optimizer, every RNG state and the step, so a killed run continues exactly. A
+held-out prompt set (disjoint from the final test prompts) with fixed seeds evaluates the policy mean every
+``eval_interval`` steps and selects the best checkpoint, which is exported as the RDPO table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..errors import ConfigError, EPDError, NonFiniteError
+from ..io import atomic_path, atomic_write_json
+from ..predictor import EPDTable, save
+from ..solvers.epd import sample_epd
+from .policy import EPDParamPolicy
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RDPOConfig", "MultiReward", "RDPOTrainer", "compute_advantages", "REWARD_NORMALIZERS"]
+
+# Normalisation of each head before weighting (the original's reward_multi.py; digits rewards are used as is).
+REWARD_NORMALIZERS = {
+    "hps": (1.0, 0.0, 1.0),
+    "pickscore": (1 / 26, 0.0, 1.0),
+    "imagereward": (1 / 10, 0.0, 1.0),
+    "clip": (1.0, 0.0, 1.0),
+    "aesthetic": (1 / 10, 0.0, 1.0),
+}
+
+
+@dataclass
+class RDPOConfig:
+    """RDPO hyper-parameters; names follow the original YAML's ``ppo``/``logging`` sections where they overlap."""
+
+    rollout_batch_size: int = 8
+    rloo_k: int = 4
+    ppo_epochs: int = 1
+    minibatch_size: int = 4
+    learning_rate: float = 7e-5
+    clip_range: float = 0.2
+    kl_coef: float = 0.0
+    entropy_coef: float = 0.0
+    max_grad_norm: float = 1.0
+    steps: int = 1000
+    dirichlet_concentration: float = 20.0
+    advantage: str = "rloo"
+    hidden_dim: int = 128
+    num_layers: int = 2
+    train_scale_dir: bool | None = None
+    train_scale_time: bool | None = None
+    scale_std: float = 0.05
+    save_interval: int = 50
+    log_interval: int = 1
+    eval_interval: int = 50
+    seed: int = 0
+    rewards: dict = field(default_factory=lambda: {"hps": 1.0})
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "RDPOConfig":
+        """Accepts our flat section or the original's nested layout (``ppo``, ``logging``, ``run``, ``reward``)."""
+        d = dict(d or {})
+        flat = {}
+        for sect in ("ppo", "logging", "run"):
+            flat.update(d.pop(sect, None) or {})
+        reward = d.pop("reward", None)
+        if reward is not None:
+            weights = (reward.get("multi") or {}).get("weights") if isinstance(reward, dict) else None
+            flat["rewards"] = weights or reward.get("weights") or {reward.get("type", "hps"): 1.0}
+        d.pop("data", None)
+        d.pop("model", None)
+        flat.update(d)
+        for ignored in ("decode_rgb", "output_root", "run_name", "timestamp", "run_id", "run_dir"):
+            flat.pop(ignored, None)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(flat) - known)
+        if unknown:
+            raise ConfigError(f"rdpo: unknown keys {unknown}; accepted: {sorted(known)}")
+        cfg = cls(**flat)
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        if self.rloo_k < 2:
+            raise ConfigError(f"rdpo.rloo_k: leave-one-out needs k >= 2, got {self.rloo_k}")
+        if self.rollout_batch_size % self.rloo_k:
+            raise ConfigError(f"rdpo.rollout_batch_size ({self.rollout_batch_size}) must be divisible by "
+                              f"rloo_k ({self.rloo_k})")
+        if self.rollout_batch_size % self.minibatch_size:
+            raise ConfigError(f"rdpo.rollout_batch_size ({self.rollout_batch_size}) must be divisible by "
+                              f"minibatch_size ({self.minibatch_size})")
+        if self.advantage not in ("rloo", "legacy_mixed"):
+            raise ConfigError(f"rdpo.advantage: {self.advantage!r}; accepted: 'rloo', 'legacy_mixed'")
+        if not self.rewards or not any(w > 0 for w in self.rewards.values()):
+            raise ConfigError("rdpo.rewards: need at least one reward with a positive weight")
+
+
+class MultiReward:
+    """``R = sum_m w_m norm_m(score_m) / sum_m max(w_m, 0)`` over registered scorers (heads with weight 0 skipped)."""
+
+    def __init__(self, weights: dict[str, float], scorers: dict | None = None, **scorer_kw):
+        from ..rewards import get_scorer, list_scorers
+
+        known = {n for n, _ in list_scorers()}
+        unknown = sorted(set(weights) - known)
+        if unknown:
+            raise ConfigError(f"rdpo.rewards: {unknown} are not registered scorers; registered: {sorted(known)}")
+        self.weights = {k: float(v) for k, v in weights.items() if float(v) != 0}
+        self.scorers = scorers or {n: get_scorer(n, **scorer_kw) for n in self.weights}
+        self.total = sum(max(w, 0.0) for w in self.weights.values())
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        heads, acc = {}, 0
+        for name, w in self.weights.items():
+            s = torch.as_tensor(self.scorers[name](images, prompts), dtype=torch.float64).reshape(-1)
+            heads[name] = s
+            scale, lo, hi = REWARD_NORMALIZERS.get(name, (1.0, -math.inf, math.inf))
+            acc = acc + w * (s * scale).clamp(lo, hi)
+        return acc / self.total, heads
+
+
+def compute_advantages(rewards: torch.Tensor, k: int, mode: str = "rloo") -> torch.Tensor:
+    """Leave-one-out advantages normalised over the batch.
+
+    ``rewards`` are prompt-major (``[p0 x k, p1 x k, ...]``). ``rloo``: baseline = mean of the other ``k - 1``
+    images of the same prompt. ``legacy_mixed``: the original's ``reshape(k, B/k)`` with LOO over axis 0, whose
+    groups mix different prompts (kept for reproduction).
+    """
+    B = rewards.numel()
+    if B % k:
+        raise ConfigError(f"rollout batch {B} is not divisible by the group size k={k}")
+    r = rewards.reshape(B // k, k) if mode == "rloo" else rewards.reshape(k, B // k)
+    axis = 1 if mode == "rloo" else 0
+    loo = (r.sum(axis, keepdim=True) - r) / (k - 1)
+    adv = (r - loo).reshape(-1)
+    return (adv - adv.mean()) / adv.std(unbiased=False).clamp_min(1e-8)
+
+
+class RDPOTrainer:
+    """PPO trainer for :class:`~epd.rdpo.policy.EPDParamPolicy` on one backbone.
+
+    Args:
+        backbone: a :class:`~epd.backbones.base.Backbone`.
+        start_table (`EPDTable`): the table to start from (Stage-1 output).
+        sigmas (`torch.Tensor`): the table's grid.
+        reward (:class:`MultiReward`): reward function ``(images, prompts) -> (R, heads)``.
+        train_prompts / eval_prompts (`list[str]`): rollout stream and held-out selection set (disjoint).
+        eval_seeds (`list[int]`): fixed seeds for held-out evaluation (paired across checkpoints).
+        cfg (:class:`RDPOConfig`), out_dir: run folder (``checkpoints/``, ``metrics.jsonl``, exported tables).
+        rank / world (`int`): prompt-stream sharding across processes.
+    """
+
+    def __init__(self, backbone, start_table: EPDTable, sigmas: torch.Tensor, reward, train_prompts: list[str],
+                 eval_prompts: list[str], eval_seeds: list[int], cfg: RDPOConfig, out_dir: str | Path,
+                 rank: int = 0, world: int = 1, run=None, batch_eval: int = 256):
+        cfg.check()
+        if start_table.num_steps != len(sigmas):
+            raise ConfigError(f"start table has num_steps={start_table.num_steps}, grid has {len(sigmas)} points")
+        overlap = set(train_prompts) & set(eval_prompts)
+        if overlap and len(set(train_prompts)) > len(overlap):
+            log.warning("%d held-out evaluation prompts also appear in the rollout stream", len(overlap))
+        self.bb, self.start, self.sigmas, self.reward = backbone, start_table, sigmas, reward
+        self.train_prompts, self.eval_prompts, self.eval_seeds = train_prompts, eval_prompts, eval_seeds
+        self.cfg, self.out, self.rank, self.world, self.run, self.batch_eval = cfg, Path(out_dir), rank, world, run, batch_eval
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "checkpoints").mkdir(exist_ok=True)
+        with torch.random.fork_rng(devices=[]):  # initialisation depends on the run seed only
+            torch.manual_seed(cfg.seed)
+            self.policy = EPDParamPolicy.from_table(
+                start_table, cfg.dirichlet_concentration, hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers,
+                train_scale_dir=cfg.train_scale_dir, train_scale_time=cfg.train_scale_time, scale_std=cfg.scale_std)
+        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+                                     weight_decay=0.0)
+        self.g_policy = torch.Generator().manual_seed(cfg.seed * 1000003 + rank)
+        self.g_seeds = torch.Generator().manual_seed(cfg.seed * 7919 + 17 + rank)
+        self.g_update = torch.Generator().manual_seed(cfg.seed * 104729 + 29 + rank)
+        self.step = 0
+        self.best = {"step": 0, "reward": -math.inf}
+        self.history: list[dict] = []
+        self._perm = torch.randperm(len(train_prompts), generator=torch.Generator().manual_seed(cfg.seed))
+
+    # ------------------------------------------------------------------ prompts and seeds
+    def prompts_for_step(self, step: int) -> list[str]:
+        """Prompt-major batch for PPO step ``step`` (0-based): ``B/k`` prompts of this rank's shard, each k times."""
+        n_prompts = self.cfg.rollout_batch_size // self.cfg.rloo_k
+        L = len(self._perm)
+        out = []
+        for j in range(n_prompts):
+            pos = ((step * n_prompts + j) * self.world + self.rank) % L
+            p = self.train_prompts[int(self._perm[pos])]
+            out += [p] * self.cfg.rloo_k
+        return out
+
+    # ------------------------------------------------------------------ rollout
+    @torch.no_grad()
+    def rollout(self, prompts: list[str]) -> dict:
+        B = len(prompts)
+        seeds = torch.randint(0, 2**31 - 1, (B,), generator=self.g_seeds).tolist()
+        action = self.policy.sample(B, generator=self.g_policy)
+        old_logp = self.policy.log_prob(action).detach()
+        x = self.bb.noise(seeds)
+        cond = self.bb.prepare(prompts)
+        out = sample_epd(self.bb.denoiser, x, self.sigmas.to(x.dtype), cond=cond,
+                         table=action.tables(self.start.meta), afs=bool(self.start.meta.get("afs")),
+                         context=f" (RDPO step {self.step + 1}, seeds {seeds[:4]}..., prompts {prompts[:2]})")
+        images = self.bb.decode(out.x)
+        R, heads = self.reward(images, prompts)
+        bad = (~torch.isfinite(R)).nonzero().flatten().tolist()
+        if bad:
+            i = bad[0]
+            raise NonFiniteError(f"reward is NaN/inf at RDPO step {self.step + 1} for image {i} "
+                                 f"(prompt {prompts[i]!r}, seed {seeds[i]}); heads: "
+                                 f"{ {k: float(v[i]) for k, v in heads.items()} }")
+        return {"action": action, "old_logp": old_logp, "rewards": R, "heads": heads, "seeds": seeds}
+
+    # ------------------------------------------------------------------ update
+    def update(self, batch: dict) -> dict:
+        cfg = self.cfg
+        adv = compute_advantages(batch["rewards"], cfg.rloo_k, cfg.advantage).float()
+        B = adv.numel()
+        stats = {"loss": [], "policy_loss": [], "kl": [], "ratio": [], "clip_fraction": [], "grad_norm": [],
+                 "entropy": []}
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(B, generator=self.g_update)
+            for i in range(0, B, cfg.minibatch_size):
+                idx = perm[i:i + cfg.minibatch_size]
+                act = batch["action"][idx]
+                logp = self.policy.log_prob(act)
+                ratio = torch.exp(logp - batch["old_logp"][idx])
+                a = adv[idx]
+                clipped = torch.clamp(ratio, 1 - cfg.clip_range, 1 + cfg.clip_range)
+                policy_loss = torch.max(-a * ratio, -a * clipped).mean()
+                kl = self.policy.kl_to_base()
+                ent = self.policy.entropy()
+                loss = policy_loss + cfg.kl_coef * kl.mean() - cfg.entropy_coef * ent.mean()
+                if not torch.isfinite(loss):
+                    raise NonFiniteError(f"policy loss is NaN/inf at RDPO step {self.step + 1} "
+                                         f"(ratio {ratio.tolist()}, advantages {a.tolist()})")
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                gn = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+                self.opt.step()
+                stats["loss"].append(loss.item())
+                stats["policy_loss"].append(policy_loss.item())
+                stats["kl"].append(kl.mean().item())
+                stats["ratio"].append(ratio.mean().item())
+                stats["clip_fraction"].append(((ratio - 1).abs() > cfg.clip_range).float().mean().item())
+                stats["grad_norm"].append(float(gn))
+                stats["entropy"].append(ent.mean().item())
+        return {k: sum(v) / len(v) for k, v in stats.items()}
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, table: EPDTable) -> tuple[float, torch.Tensor]:
+        """Mean reward of a fixed table on the held-out prompts and seeds (paired across calls)."""
+        from ..prompts import pair
+
+        prompts = pair(self.eval_prompts, self.eval_seeds)
+        rs = []
+        for i in range(0, len(self.eval_seeds), self.batch_eval):
+            s, p = self.eval_seeds[i:i + self.batch_eval], prompts[i:i + self.batch_eval]
+            x = self.bb.noise(s)
+            out = sample_epd(self.bb.denoiser, x, self.sigmas.to(x.dtype), cond=self.bb.prepare(p), table=table)
+            rs.append(self.reward(self.bb.decode(out.x), p)[0])
+        r = torch.cat(rs)
+        return float(r.mean()), r
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self) -> dict:
+        return {"policy": self.policy.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
+                "g_policy": self.g_policy.get_state(), "g_seeds": self.g_seeds.get_state(),
+                "g_update": self.g_update.get_state(), "best": dict(self.best), "history_len": len(self.history),
+                "config": json.dumps(asdict(self.cfg))}
+
+    def save_checkpoint(self) -> None:
+        ck = self.out / "checkpoints"
+        with atomic_path(ck / f"policy-step{self.step:06d}.pt", suffix=".pt") as tmp:
+            torch.save(self.policy.state_dict(), tmp)  # the original's layout: state dict only
+        with atomic_path(ck / "trainer-state.pt", suffix=".pt") as tmp:
+            torch.save(self._state(), tmp)
+        self._write_history()
+
+    def _write_history(self) -> None:
+        with atomic_path(self.out / "metrics.jsonl") as tmp:
+            tmp.write_text("".join(json.dumps(h) + "\n" for h in self.history))
+
+    def try_resume(self) -> bool:
+        path = self.out / "checkpoints" / "trainer-state.pt"
+        if not path.exists():
+            return False
+        try:
+            st = torch.load(path, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
+            raise EPDError(f"{path}: cannot resume ({e}); delete the run folder to start over") from None
+        if json.loads(st["config"]) != json.loads(json.dumps(asdict(self.cfg))):
+            raise ConfigError(f"{path}: was written with a different rdpo config; use a new run folder")
+        try:
+            self.policy.load_state_dict(st["policy"])
+        except RuntimeError as e:
+            raise EPDError(f"{path}: policy does not match this table (K or steps differ): {e}") from None
+        self.opt.load_state_dict(st["opt"])
+        for name in ("g_policy", "g_seeds", "g_update"):
+            getattr(self, name).set_state(st[name])
+        self.step, self.best = int(st["step"]), dict(st["best"])
+        hist = self.out / "metrics.jsonl"
+        if hist.exists():
+            self.history = [json.loads(line) for line in hist.read_text().splitlines() if line.strip()]
+        self.history = self.history[: int(st["history_len"])]
+        log.info("resumed RDPO at step %d", self.step)
+        return True
+
+    # ------------------------------------------------------------------ main loop
+    def train(self, steps: int | None = None) -> dict:
+        steps = steps or self.cfg.steps
+        self.try_resume()
+        if self.step == 0:
+            r0, _ = self.evaluate(self.start)
+            self.best = {"step": 0, "reward": r0}
+            self._export(self.start, "best", {"step": 0, "eval_reward": r0})
+            self.history.append({"step": 0, "eval_reward": r0})
+        t0 = time.time()
+        bar = tqdm(range(self.step, steps), desc="rdpo", initial=self.step, total=steps, unit="step")
+        for _ in bar:
+            prompts = self.prompts_for_step(self.step)
+            batch = self.rollout(prompts)
+            stats = self.update(batch)
+            self.step += 1
+            rec = {"step": self.step, **stats, "mixed_reward_mean": float(batch["rewards"].mean()),
+                   "mixed_reward_std": float(batch["rewards"].std(unbiased=False)),
+                   **{f"{k}_mean": float(v.mean()) for k, v in batch["heads"].items()},
+                   "elapsed_sec": round(time.time() - t0, 3)}
+            if self.step % self.cfg.eval_interval == 0 or self.step == steps:
+                mean_table = self.policy.mean_table(meta=self.start.meta)
+                rec["eval_reward"], _ = self.evaluate(mean_table)
+                if rec["eval_reward"] > self.best["reward"]:
+                    self.best = {"step": self.step, "reward": rec["eval_reward"]}
+                    self._export(mean_table, "best", {"step": self.step, "eval_reward": rec["eval_reward"]})
+            self.history.append(rec)
+            bar.set_postfix(reward=f"{rec['mixed_reward_mean']:.4g}", kl=f"{rec['kl']:.3g}")
+            if self.run is not None and self.step % self.cfg.log_interval == 0:
+                self.run.metrics({k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"},
+                                 step=self.step)
+            if self.step % self.cfg.save_interval == 0 or self.step == steps:
+                self.save_checkpoint()
+        final = self.policy.mean_table(meta=self.start.meta)
+        self._export(final, "final", {"step": self.step})
+        atomic_write_json(self.out / "summary.json", {"best": self.best, "steps": self.step,
+                                                      "config": asdict(self.cfg)})
+        return self.best
+
+    def _export(self, table: EPDTable, name: str, info: dict) -> None:
+        t = EPDTable(table.positions, table.weights, table.scale_dir, table.scale_time, meta=table.meta,
+                     provenance={"stage": "rdpo", "selection": "held-out eval reward" if name == "best" else "last",
+                                 **info})
+        save(t, self.out / f"table_{name}")
