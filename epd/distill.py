@@ -234,7 +234,8 @@ def run(args):
             "dataset_name": args.backbone}
     params = {"nfe": args.nfe, "K": st["K"], "afs": st["afs"], **asdict(dcfg), "teacher_hash": manifest["config_hash"]}
     with tracking.start_run("distill", backbone=args.backbone, params=params,
-                            tags={"nfe": args.nfe, "teacher": str(args.teacher)}) as r:
+                            tags={"nfe": args.nfe, "teacher": str(args.teacher),
+                                  "table": str(Path(args.out) / "table.safetensors")}) as r:
         table = distill(bb, sigmas=student, x_init=x_init, targets=states, prompts=manifest["prompts"],
                         num_points=st["K"], afs=st["afs"], cfg=dcfg, out_dir=args.out, scale_dir=st["scale_dir"],
                         scale_time=st["scale_time"], meta=meta, run=r)

@@ -34,4 +34,12 @@ def load_backbone(section: dict, device: str = "cpu", **kw):
         from .gmm import GMMBackbone, make_gmm
 
         return GMMBackbone(make_gmm(**section.get("gmm", {})), guidance=float(section.get("guidance", 1.0)))
+    if kind == "digits":
+        from .digits import DigitsBackbone
+
+        wdir = kw.get("weights_dir") or section.get("weights")
+        if not wdir:
+            raise ConfigError("backbone digits: no trained model folder given (--weights DIR, the output of "
+                              "`epd backbone train`, or backbones.<name>.weights in the config)")
+        return DigitsBackbone.load(wdir, guidance=float(section.get("guidance", 1.0)), device=device)
     return importlib.import_module(KINDS[kind]).load(section, device=device, **kw)

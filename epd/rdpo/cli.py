@@ -69,7 +69,8 @@ def run(args):
                 "ppo": asdict(rcfg), "logging": {"save_interval": rcfg.save_interval, "log_interval": rcfg.log_interval}}
     atomic_write_text(Path(args.out) / "resolved_config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     with tracking.start_run("rdpo", backbone=args.backbone, params=asdict(rcfg),
-                            tags={"init": args.init, "nfe": table.meta.get("paper_nfe", "")}) as r:
+                            tags={"init": args.init, "nfe": 2 * (table.num_steps - 1) - int(bool(table.meta.get("afs"))),
+                                  "table_best": str(Path(args.out) / "table_best.safetensors")}) as r:
         trainer = RDPOTrainer(bb, table, sigmas, reward, tp, ep, es, rcfg, args.out, run=r)
         best = trainer.train()
         r.metrics({"best_eval_reward": best["reward"], "best_step": best["step"]})

@@ -1,0 +1,37 @@
+# Backbone: train the embedded digits model, or resolve a real backbone's local weights (fails listing missing files).
+
+
+rule backbone_train:
+    output:
+        model=f"{RESULTS}/{{b}}/backbone/model.safetensors",
+        classifier=f"{RESULTS}/{{b}}/backbone/classifier.safetensors",
+    params:
+        cfg=lambda wc: digest(sec(wc.b).get("train", {})),
+    log:
+        "logs/backbone/{b}.log",
+    benchmark:
+        "benchmarks/snakemake/backbone/{b}.tsv"
+    threads: 2
+    message:
+        "Training the embedded backbone {wildcards.b}"
+    shell:
+        "epd backbone train --config {RESOLVED_CONFIG} --backbone {wildcards.b} "
+        "--out {RESULTS}/{wildcards.b}/backbone > {log} 2>&1"
+
+
+rule backbone_check:
+    output:
+        f"{RESULTS}/{{b}}/backbone/weights.json",
+    params:
+        cfg=lambda wc: digest({k: sec(wc.b).get(k) for k in ("kind", "model_path", "resolution")}),
+    log:
+        "logs/backbone/{b}.check.log",
+    benchmark:
+        "benchmarks/snakemake/backbone/{b}.check.tsv"
+    message:
+        "Resolving local weights of {wildcards.b}"
+    shell:
+        "epd backbone check --config {RESOLVED_CONFIG} --backbone {wildcards.b} --out {output} > {log} 2>&1"
+
+
+ruleorder: backbone_train > backbone_check

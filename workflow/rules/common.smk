@@ -1,0 +1,163 @@
+# Helpers shared by every rule: config validation, the study's target list, paths of pulled checkpoints.
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import yaml
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+validate(config, "../schemas/config.schema.yaml")
+
+RESULTS = "results"
+DATA = os.environ.get("EPD_DATA_DIR", "data")
+RESOLVED_CONFIG = f"{RESULTS}/config.yaml"
+
+
+def _write_resolved_config():
+    """The validated config (defaults filled) for the epd commands; rewritten only when it changes, so its
+    mtime never triggers reruns."""
+    text = yaml.safe_dump(config, sort_keys=True)
+    path = Path(RESOLVED_CONFIG)
+    if not path.exists() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+
+_write_resolved_config()
+
+BACKBONES = list(config["backbones"])
+TABLE_LABELS = ("epd_distilled", "epd_rdpo")
+
+
+def sec(b):
+    return config["backbones"][b]
+
+
+def digest(obj):
+    """Short hash of a config subsection: a rule's params, so editing that subsection reruns only its dependants."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def valid_nfe(solver, nfe, afs=True):
+    from epd.solvers import steps_for_nfe
+
+    try:
+        steps_for_nfe(solver, int(nfe), afs)
+        return True
+    except Exception:
+        return False
+
+
+def distill_nfes(b):
+    return sec(b).get("distill_nfes", sec(b)["nfes"])
+
+
+def rdpo_nfes(b):
+    return sec(b).get("rdpo_nfes", [])
+
+
+def sample_targets(b):
+    """(solver label, nfe) pairs sampled and evaluated for backbone b."""
+    afs = sec(b).get("student", {}).get("afs", True)
+    pairs = [(s, n) for s in sec(b)["solvers"] for n in sec(b)["nfes"] if valid_nfe(s, n)]
+    pairs += [("epd_distilled", n) for n in distill_nfes(b) if valid_nfe("epd", n, afs)]
+    pairs += [("epd_rdpo", n) for n in rdpo_nfes(b) if valid_nfe("epd", n, afs)]
+    pairs += [(f"released_{label}", 0) for label in sec(b).get("predictors", {})]
+    return pairs
+
+
+def expected_rows():
+    return {b: sorted({s for s, _ in sample_targets(b)}) for b in BACKBONES}
+
+
+def needs_reference(b):
+    return "rmse_vs_teacher" in sec(b)["metrics"]
+
+
+def all_targets():
+    out = ["reports/README.md"]
+    out += [f"reports/{b}/table.md" for b in BACKBONES]
+    return out
+
+
+# ------------------------------------------------------------------------ checkpoints: pulled (DVC) or produced
+def pulled(path):
+    """A DVC-pulled copy under data/checkpoints/ if present; marked ancient so fresh mtimes from `dvc pull`
+    never trigger reruns."""
+    p = Path(DATA) / "checkpoints" / path
+    return ancient(str(p)) if p.exists() else None
+
+
+def backbone_dir(b):
+    if sec(b)["kind"] != "digits":
+        return f"{RESULTS}/{b}/backbone"
+    p = Path(DATA) / "checkpoints" / b / "backbone" / "model.safetensors"
+    return str(p.parent) if p.exists() else f"{RESULTS}/{b}/backbone"
+
+
+def backbone_input(wildcards):
+    b = wildcards.b
+    if sec(b)["kind"] != "digits":
+        return f"{RESULTS}/{b}/backbone/weights.json"
+    return pulled(f"{b}/backbone/model.safetensors") or f"{RESULTS}/{b}/backbone/model.safetensors"
+
+
+def weights_flag(b):
+    return f"--weights {backbone_dir(b)}" if sec(b)["kind"] == "digits" else ""
+
+
+def distilled_table(b, nfe):
+    return pulled(f"{b}/distill/nfe{nfe}/table.safetensors") or f"{RESULTS}/{b}/distill/nfe{nfe}/table.safetensors"
+
+
+def rdpo_table(b, nfe):
+    return pulled(f"{b}/rdpo/nfe{nfe}/table_best.safetensors") or f"{RESULTS}/{b}/rdpo/nfe{nfe}/table_best.safetensors"
+
+
+def sample_inputs(wildcards):
+    b, s, n = wildcards.b, wildcards.solver, wildcards.nfe
+    ins = {"backbone": backbone_input(wildcards)}
+    if s == "epd_distilled":
+        ins["table"] = distilled_table(b, n)
+    elif s == "epd_rdpo":
+        ins["table"] = rdpo_table(b, n)
+    return ins
+
+
+def sample_args(wildcards, input):
+    b, s, n = wildcards.b, wildcards.solver, wildcards.nfe
+    if s in TABLE_LABELS:
+        return f"--solver epd --predictor_path {input.table}"
+    if s.startswith("released_"):
+        return f"--solver epd --predictor_path {sec(b)['predictors'][s[len('released_'):]]}"
+    return f"--solver {s} --nfe {n}"
+
+
+def eval_inputs(wildcards):
+    ins = {"samples": f"{RESULTS}/{wildcards.b}/samples/{wildcards.solver}/nfe{wildcards.nfe}/summary.json"}
+    if needs_reference(wildcards.b):
+        ins["reference"] = f"{RESULTS}/{wildcards.b}/samples/reference/summary.json"
+    return ins
+
+
+def all_evaluations(wildcards=None):
+    return [f"{RESULTS}/{b}/eval/{s}/nfe{n}/summary.json" for b in BACKBONES for s, n in sample_targets(b)]
+
+
+wildcard_constraints:
+    b="|".join(BACKBONES),
+    solver="[a-z0-9_]+",
+    nfe=r"\d+",
+
+
+# Every job: offline hub, MLflow on the configured store, one torch thread budget, rule name for run tags.
+shell.prefix(
+    "set -euo pipefail; export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DVC_NO_ANALYTICS=1 "
+    f"MLFLOW_TRACKING_URI={config['run']['tracking_uri']} OMP_NUM_THREADS={config['run']['threads']} "
+    f"EPD_THREADS={config['run']['threads']}; "
+)

@@ -1,0 +1,26 @@
+# Evaluation: per-image scores (CSV) and summaries of every configured metric; one MLflow run per folder.
+
+
+rule evaluate:
+    input:
+        unpack(eval_inputs),
+    output:
+        f"{RESULTS}/{{b}}/eval/{{solver}}/nfe{{nfe}}/summary.json",
+    params:
+        metrics=lambda wc: ",".join(sec(wc.b)["metrics"]),
+        weights=lambda wc: f"--weights-dir {backbone_dir(wc.b)}" if sec(wc.b)["kind"] == "digits" else "",
+        reference=lambda wc: (f"--reference-latents {RESULTS}/{wc.b}/samples/reference/latents.safetensors"
+                              if needs_reference(wc.b) else ""),
+        device=config["run"]["device"],
+    log:
+        "logs/evaluate/{b}_{solver}_nfe{nfe}.log",
+    benchmark:
+        "benchmarks/snakemake/evaluate/{b}_{solver}_nfe{nfe}.tsv"
+    resources:
+        gpu=lambda wc: 0 if config["run"]["device"] == "cpu" else 1,
+    message:
+        "Evaluating {wildcards.b} {wildcards.solver} NFE {wildcards.nfe}"
+    shell:
+        "epd evaluate --images {RESULTS}/{wildcards.b}/samples/{wildcards.solver}/nfe{wildcards.nfe} "
+        "--metrics {params.metrics} {params.weights} {params.reference} --device {params.device} "
+        "--backbone {wildcards.b} --out-dir {RESULTS}/{wildcards.b}/eval/{wildcards.solver}/nfe{wildcards.nfe} > {log} 2>&1"

@@ -1,0 +1,25 @@
+# Stage 2: RDPO fine-tuning of the distilled table (best checkpoint chosen on held-out prompts/seeds).
+
+
+rule rdpo:
+    input:
+        backbone=backbone_input,
+        table=lambda wc: distilled_table(wc.b, wc.nfe),
+    output:
+        f"{RESULTS}/{{b}}/rdpo/nfe{{nfe}}/table_best.safetensors",
+    params:
+        cfg=lambda wc: digest([sec(wc.b).get(k) for k in ("rdpo", "prompts")]),
+        weights=lambda wc: weights_flag(wc.b),
+        device=config["run"]["device"],
+    log:
+        "logs/rdpo/{b}_nfe{nfe}.log",
+    benchmark:
+        "benchmarks/snakemake/rdpo/{b}_nfe{nfe}.tsv"
+    threads: 2
+    resources:
+        gpu=lambda wc: 0 if config["run"]["device"] == "cpu" else 1,
+    message:
+        "RDPO for {wildcards.b} at NFE {wildcards.nfe}"
+    shell:
+        "epd rdpo --config {RESOLVED_CONFIG} --backbone {wildcards.b} --init {input.table} "
+        "--out {RESULTS}/{wildcards.b}/rdpo/nfe{wildcards.nfe} {params.weights} --device {params.device} > {log} 2>&1"

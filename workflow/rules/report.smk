@@ -1,0 +1,50 @@
+# Report: freeze MLflow runs into a CSV, then build tables (Markdown, LaTeX, CSV) and plots under reports/.
+
+
+rule export_runs:
+    input:
+        all_evaluations,
+        lambda wc: [rdpo_table(b, n) for b in BACKBONES for n in rdpo_nfes(b)],
+    output:
+        runs=f"{RESULTS}/runs.csv",
+        history=f"{RESULTS}/runs_history.csv",
+    log:
+        "logs/report/export.log",
+    benchmark:
+        "benchmarks/snakemake/report/export.tsv"
+    message:
+        "Exporting MLflow runs"
+    shell:
+        "epd report --export-only --runs-csv {output.runs} > {log} 2>&1"
+
+
+rule expected_rows:
+    output:
+        f"{RESULTS}/expected_rows.json",
+    params:
+        rows=lambda wc: digest(expected_rows()),
+    log:
+        "logs/report/expected_rows.log",
+    run:
+        Path(output[0]).write_text(json.dumps(expected_rows(), indent=1))
+
+
+rule report:
+    input:
+        runs=f"{RESULTS}/runs.csv",
+        expected=f"{RESULTS}/expected_rows.json",
+    output:
+        index=report("reports/README.md", caption="../report/index.rst", category="Report"),
+        tables=[f"reports/{b}/table.md" for b in BACKBONES],
+    params:
+        external=" ".join(f"--external {e}" for e in config["report"]["external"]),
+        backbones=",".join(BACKBONES),
+    log:
+        "logs/report/build.log",
+    benchmark:
+        "benchmarks/snakemake/report/build.tsv"
+    message:
+        "Building tables and plots"
+    shell:
+        "epd report --build-only --runs-csv {input.runs} --out reports --backbones {params.backbones} "
+        "{params.external} --expect-rows {input.expected} > {log} 2>&1"

@@ -1,0 +1,23 @@
+# Teacher trajectories on each student grid (one set per distilled NFE).
+
+
+rule teacher:
+    input:
+        backbone=backbone_input,
+    output:
+        f"{RESULTS}/{{b}}/teacher/nfe{{nfe}}/manifest.json",
+    params:
+        cfg=lambda wc: digest([sec(wc.b).get(k) for k in ("teacher", "student", "guidance", "prompts")]),
+        weights=lambda wc: weights_flag(wc.b),
+        device=config["run"]["device"],
+    log:
+        "logs/teacher/{b}_nfe{nfe}.log",
+    benchmark:
+        "benchmarks/snakemake/teacher/{b}_nfe{nfe}.tsv"
+    resources:
+        gpu=lambda wc: 0 if config["run"]["device"] == "cpu" else 1,
+    message:
+        "Teacher trajectories for {wildcards.b} at NFE {wildcards.nfe}"
+    shell:
+        "epd teacher --config {RESOLVED_CONFIG} --backbone {wildcards.b} --nfe {wildcards.nfe} "
+        "--out {RESULTS}/{wildcards.b}/teacher/nfe{wildcards.nfe} {params.weights} --device {params.device} > {log} 2>&1"
