@@ -89,13 +89,13 @@ def parse_seeds(spec: str | int | list) -> list[int]:
             if "-" in part[1:]:
                 lo, hi = part.split("-", 1) if not part.startswith("-") else (None, None)
                 lo, hi = int(lo), int(hi)
-                if hi < lo:
-                    raise ConfigError(f"seeds: range '{part}' is descending; write it as '{hi}-{lo}'")
-                out.extend(range(lo, hi + 1))
             else:
-                out.append(int(part))
+                lo = hi = int(part)
         except (TypeError, ValueError):
             raise ConfigError(f"seeds: cannot parse '{part}' in '{spec}'; use e.g. '0-63' or '1,5,9-11'") from None
+        if hi < lo:
+            raise ConfigError(f"seeds: range '{part}' is descending; write it as '{hi}-{lo}'")
+        out.extend(range(lo, hi + 1))
     if any(s < 0 or s >= 2**32 for s in out):
         raise ConfigError(f"seeds: values must lie in [0, 2^32); got '{spec}'")
     return out

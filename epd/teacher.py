@@ -83,7 +83,7 @@ def generate(backbone, *, prompts: list[str], seeds: list[int], num_points: int,
         if shard.exists():
             continue
         s, p = seeds[start:start + batch], paired[start:start + batch]
-        x = backbone.noise(s).to(torch.float64 if _is_f64(backbone) else torch.float32)
+        x = backbone.noise(s)
         cond = backbone.prepare(p)
         out = solve(solver, backbone.denoiser, x, teacher.to(x.dtype), cond=cond, return_trajectory=True)
         traj = torch.stack(out.trajectory, 1)[:, :: M + 1][:, 1:]  # student points 1..N-1
@@ -97,10 +97,6 @@ def generate(backbone, *, prompts: list[str], seeds: list[int], num_points: int,
     manifest["seconds"] = round(time.time() - t0, 2)
     atomic_write_json(mpath, manifest)
     return manifest
-
-
-def _is_f64(backbone) -> bool:
-    return getattr(backbone, "dtype", torch.float32) == torch.float64
 
 
 def load_teacher(path: str | Path, expect_sigmas: torch.Tensor | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
