@@ -18,7 +18,8 @@ import torch
 from .errors import ConfigError
 
 __all__ = ["edm_polynomial", "time_uniform", "logsnr", "scaled_linear_alphas_cumprod", "VPTable", "discrete_vp",
-           "vp_spacing", "get_schedule", "SCHEDULES"]
+           "vp_spacing", "get_schedule", "SCHEDULES", "sd3_sigmas", "flux_sigmas", "dpm_flow_sigmas",
+           "calculate_flux_mu"]
 
 
 def _check(n: int, sigma_min: float, sigma_max: float):
@@ -144,7 +145,10 @@ def vp_spacing(num_steps: int, alphas_cumprod: torch.Tensor | None = None, spaci
     return ts, torch.sqrt((1 - ab) / ab)
 
 
-SCHEDULES = ("edm", "polynomial", "logsnr", "time_uniform", "discrete", "flowmatch", "flowmatch_official")
+from .backbones.flow_schedules import (  # noqa: E402  (flow grids live with the flow adapters)
+    FLOW_SCHEDULES, calculate_flux_mu, dpm_flow_sigmas, flux_sigmas, sd3_sigmas)
+
+SCHEDULES = ("edm", "polynomial", "logsnr", "time_uniform", "discrete") + FLOW_SCHEDULES
 
 
 def get_schedule(name: str, n: int, *, sigma_min: float | None = None, sigma_max: float | None = None,
@@ -159,6 +163,6 @@ def get_schedule(name: str, n: int, *, sigma_min: float | None = None, sigma_max
         return time_uniform(n, sigma_min or 0.002, sigma_max or 80.0, 1.0 if rho is None else rho)
     if name == "discrete":
         return discrete_vp(n, kw.get("vp"), sigma_min, sigma_max, 1.0 if rho is None else rho)
-    if name in ("flowmatch", "flowmatch_official"):
+    if name in FLOW_SCHEDULES:
         raise ConfigError(f"schedule {name!r} depends on the flow backbone (shift/mu); use backbone.sigmas()")
     raise ConfigError(f"schedule: unknown name {name!r}; accepted: {list(SCHEDULES)}")

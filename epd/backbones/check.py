@@ -20,7 +20,14 @@ def add_arguments(p):
 def run(args):
     sec = backbone_section(load_config(args.config), args.backbone)
     kind = sec["kind"]
+    import importlib
+
+    from . import KINDS
+
     found = check_all([("backbone", kind)], explicit={kind: sec.get("model_path")})
+    mod = importlib.import_module(KINDS[kind])
+    if hasattr(mod, "check"):
+        mod.check(sec)  # every required file of the folder, without loading weights
     atomic_write_json(args.out, {"backbone": args.backbone, "kind": kind,
                                  "paths": {f"{k}/{n}": str(p) for (k, n), p in found.items()}})
     print(f"{args.backbone}: weights found at {found[('backbone', kind)]}")

@@ -1,0 +1,463 @@
+"""Shared pieces of the diffusers backbone adapters (SD1.5, SD3, FLUX).
+
+* :func:`parse_settings` — the backbone section of a config (with the original ``backend_config`` aliases),
+  validated key by key.
+* :func:`check_weights_folder` — a local diffusers folder is complete and of the right architecture; one error
+  lists every missing file before anything is loaded.
+* :class:`DiffusersBackbone` — what every adapter shares: deterministic noise from seeds, VAE decoding, the
+  grid an EPD table asks for, and the table/config compatibility check.
+* :class:`FlowDenoiser` — the flow-matching denoiser in ``"flow"`` or ``"edm"`` coordinates around a velocity.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from .base import Prepared
+from .weights import MissingWeightsError
+
+__all__ = ["parse_settings", "settings_from_section", "resolve_dtype", "check_weights_folder", "missing_files",
+           "warn_truncation", "expand_cond", "place", "check_offload", "default_flow_schedule",
+           "DiffusersBackbone", "FlowDenoiser", "table_value", "COMMON_KEYS", "STUDY_KEYS"]
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+# Keys every diffusers backbone accepts, with defaults; per-backbone keys are added by each adapter.
+COMMON_KEYS = {
+    "name": None,            # sd15 | sd3 | flux
+    "model_path": None,      # explicit weights folder (else env var, data/weights/, HF cache: weights.resolve)
+    "resolution": None,      # image side in pixels
+    "dtype": "auto",         # auto | float32 | float16 | bfloat16 (auto: the backbone's CUDA dtype, float32 on CPU)
+    "offload": "none",       # none | model | sequential (diffusers CPU offload; CUDA only)
+    "coords": None,          # edm | flow (flow backbones only)
+    "schedule": None,        # default grid name for sigmas()
+    "guidance_scale": None,  # CFG scale (SD1.5/SD3) or embedded guidance (FLUX)
+    "vae_batch": 4,          # images per VAE decode call
+    "device": None,          # execution device (else the caller's)
+}
+# The original's backend_config / predictor names -> ours.
+ALIASES = {"torch_dtype": "dtype", "guidance_rate": "guidance_scale", "guidance": "guidance_scale",
+           "model_name_or_path": "model_path", "model_id": "model_path", "flowmatch_shift": "shift",
+           "flowmatch_mu": "mu", "backend": "name"}
+IGNORED_ORIGINAL_KEYS = ("latent_resolution", "sigma_min", "sigma_max")
+
+
+def parse_settings(name: str, config: dict | None, defaults: dict) -> dict:
+    """Validate the backbone section ``config`` against ``COMMON_KEYS | defaults``.
+
+    Args:
+        name (`str`): the adapter's registry name.
+        config (`dict`): user settings; the original's ``backend_config`` keys are accepted as aliases
+            (``torch_dtype``, ``enable_model_cpu_offload``, ``enable_sequential_cpu_offload``, ``flowmatch_mu`` ...).
+        defaults (`dict`): the adapter's own keys and defaults (override ``COMMON_KEYS`` defaults).
+
+    Returns:
+        `dict`: every accepted key with a value.
+    """
+    allowed = {**COMMON_KEYS, **defaults}
+    out = dict(allowed)
+    for key, value in (config or {}).items():
+        if key == "enable_model_cpu_offload":
+            out["offload"] = "model" if value else out["offload"]
+            continue
+        if key == "enable_sequential_cpu_offload":
+            out["offload"] = "sequential" if value else out["offload"]
+            continue
+        if key in IGNORED_ORIGINAL_KEYS:
+            continue
+        key = ALIASES.get(key, key)
+        if key not in allowed:
+            raise ConfigError(f"backbone.{key}: unknown setting for backbone {name!r}; accepted: {sorted(allowed)}")
+        out[key] = value
+    if out["name"] not in (None, name) and not (name == "sd15" and out["name"] == "ldm"):
+        raise ConfigError(f"backbone.name: {out['name']!r} given to the {name} adapter")
+    out["name"] = name
+    if out["offload"] not in ("none", "model", "sequential", None, False):
+        raise ConfigError(f"backbone.offload: expected none, model or sequential, got {out['offload']!r}")
+    out["offload"] = out["offload"] or "none"
+    if out["dtype"] not in ("auto", None) and str(out["dtype"]) not in DTYPES:
+        raise ConfigError(f"backbone.dtype: expected auto or one of {sorted(DTYPES)}, got {out['dtype']!r}")
+    if out["coords"] not in ("edm", "flow"):
+        raise ConfigError(f"backbone.coords: expected 'edm' or 'flow', got {out['coords']!r}")
+    if not isinstance(out["vae_batch"], int) or out["vae_batch"] < 1:
+        raise ConfigError(f"backbone.vae_batch: expected a positive integer, got {out['vae_batch']!r}")
+    if out["resolution"] is not None and (not isinstance(out["resolution"], int) or out["resolution"] <= 0):
+        raise ConfigError(f"backbone.resolution: expected a positive integer (pixels), got {out['resolution']!r}")
+    try:
+        out["guidance_scale"] = float(out["guidance_scale"])
+    except (TypeError, ValueError):
+        raise ConfigError(f"backbone.guidance_scale: expected a number, got {out['guidance_scale']!r}") from None
+    return out
+
+
+# Keys of a workflow backbone section (workflow/schemas/config.schema.yaml) that describe the study, not the model.
+STUDY_KEYS = ("solvers", "nfes", "distill_nfes", "rdpo_nfes", "metrics", "predictors", "prompts", "student", "teacher",
+              "distill", "rdpo", "train", "bench", "sample")
+
+
+def settings_from_section(name: str, section: dict | None) -> dict:
+    """Adapter settings from a workflow ``backbones.<key>`` section.
+
+    ``kind`` must be ``name``; ``guidance``, ``model_path``, ``resolution``, ``coords`` are read from the section and
+    everything in ``backend_config`` (our keys or the original's ``backend_config`` keys) overrides them. The study
+    keys (solvers, nfes, student, ...) are ignored here.
+
+    Returns:
+        `dict`: input for :func:`parse_settings`.
+    """
+    section = dict(section or {})
+    kind = section.pop("kind", name)
+    if kind not in (name, "ldm" if name == "sd15" else name):
+        raise ConfigError(f"backbone.kind: {kind!r} given to the {name} adapter")
+    section.pop("name", None)  # the section's key in the config (e.g. sd3_512), not the adapter
+    extra = section.pop("backend_config", None) or {}
+    if not isinstance(extra, dict):
+        raise ConfigError(f"backbone.backend_config: expected a mapping, got {type(extra).__name__}")
+    cfg = {k: v for k, v in section.items() if k not in STUDY_KEYS}
+    if "guidance" in cfg:
+        cfg["guidance_scale"] = cfg.pop("guidance")
+    cfg.update(extra)
+    return cfg
+
+
+def resolve_dtype(setting: Any, device: str | torch.device, cuda_default: torch.dtype) -> torch.dtype:
+    """``auto`` -> ``cuda_default`` on CUDA, float32 elsewhere; names and torch dtypes pass through."""
+    if isinstance(setting, torch.dtype):
+        return setting
+    if setting in (None, "auto"):
+        return cuda_default if torch.device(device).type == "cuda" else torch.float32
+    return DTYPES[str(setting)]
+
+
+# ---------------------------------------------------------------------- weights folders
+_MODEL_FILES = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
+# What each component folder must hold: kind -> list of alternatives (each alternative a tuple of files).
+_TOKENIZER_FILES = {
+    "clip_tokenizer": [("vocab.json", "merges.txt"), ("tokenizer.json",)],
+    "t5_tokenizer": [("spiece.model",), ("tokenizer.json",)],
+}
+
+
+def _weights_present(folder: Path, kind: str, variant: str | None) -> tuple[bool, list[str]]:
+    """Whether ``folder`` holds complete weights; also the shard files an index names but that are missing."""
+    stems = ["diffusion_pytorch_model"] if kind == "diffusers" else ["model", "pytorch_model"]
+    infix = f".{variant}" if variant else ""
+    for stem in stems:
+        for ext in ("safetensors", "bin"):
+            if (folder / f"{stem}{infix}.{ext}").is_file():
+                return True, []
+            index = folder / f"{stem}{infix}.{ext}.index.json"
+            if index.is_file():
+                try:
+                    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    return False, [f"{index} (unreadable shard index)"]
+                missing = [str(folder / s) for s in shards if not (folder / s).is_file()]
+                return not missing, missing
+    return False, []
+
+
+def missing_files(path: Path, layout: dict[str, str]) -> tuple[list[str], str | None]:
+    """Files a diffusers folder lacks, and the weight variant (None or ``"fp16"``) that is complete."""
+    path = Path(path)
+    missing = [] if (path / "model_index.json").is_file() else [str(path / "model_index.json")]
+    weight_kinds = {s: k for s, k in layout.items() if k in _MODEL_FILES}
+    variant = None
+    for cand in (None, "fp16"):
+        if all(_weights_present(path / s, k, cand)[0] for s, k in weight_kinds.items()):
+            variant = cand
+            break
+    for sub, kind in layout.items():
+        folder = path / sub
+        if kind in _MODEL_FILES:
+            if not (folder / "config.json").is_file():
+                missing.append(str(folder / "config.json"))
+            ok, shard_missing = _weights_present(folder, kind, variant)
+            if not ok:
+                missing += shard_missing or [str(folder / f"{_MODEL_FILES[kind]}.safetensors")
+                                             + " (or .bin, sharded, or .fp16 variant)"]
+        elif kind == "scheduler":
+            if not (folder / "scheduler_config.json").is_file():
+                missing.append(str(folder / "scheduler_config.json"))
+        else:
+            alts = _TOKENIZER_FILES[kind]
+            if not any(all((folder / f).is_file() for f in alt) for alt in alts):
+                missing += [str(folder / f) for f in alts[0] if not (folder / f).is_file()]
+    return missing, variant
+
+
+def _read_json(p: Path) -> dict:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"weights: cannot read {p} ({e})") from None
+
+
+def check_weights_folder(path: Path, name: str, layout: dict[str, str], pipeline_class: str,
+                         component_classes: dict[str, str]) -> str | None:
+    """Fail fast on an incomplete or wrong local diffusers folder.
+
+    Args:
+        path (`Path`): the resolved folder.
+        name (`str`): backbone name for messages.
+        layout (`dict`): subfolder -> kind (``diffusers``, ``transformers``, ``scheduler``, ``clip_tokenizer``,
+            ``t5_tokenizer``).
+        pipeline_class (`str`): expected ``_class_name`` of ``model_index.json``.
+        component_classes (`dict`): subfolder -> expected ``_class_name`` of its ``config.json``.
+
+    Returns:
+        `str` or `None`: the weight variant to load (``"fp16"`` when only fp16 files are present).
+
+    Raises:
+        MissingWeightsError: listing every missing file.
+        ConfigError: the folder holds another architecture.
+    """
+    path = Path(path)
+    missing, variant = missing_files(path, layout)
+    if missing:
+        raise MissingWeightsError(
+            f"weights for backbone {name!r} at {path} are incomplete; missing {len(missing)} file(s):\n"
+            + "\n".join(f"  - {m}" for m in missing)
+            + "\n  fix: complete the folder (e.g. `dvc pull data.dvc`, or copy the diffusers folder again)")
+    index = _read_json(path / "model_index.json")
+    found = index.get("_class_name")
+    if found != pipeline_class:
+        raise ConfigError(f"weights at {path}: model_index.json describes a {found}, but backbone {name!r} needs a "
+                          f"{pipeline_class} folder; point backbone.model_path (or its env var) at the right weights")
+    for sub, cls in component_classes.items():
+        cfg = _read_json(path / sub / "config.json")
+        if cfg.get("_class_name") != cls:
+            raise ConfigError(f"weights at {path}/{sub}: config is a {cfg.get('_class_name')}, expected {cls} "
+                              f"for backbone {name!r}")
+    return variant
+
+
+def check_offload(offload: str, device) -> None:
+    """CPU offload moves modules to a CUDA device on demand; refuse it elsewhere before loading anything."""
+    if offload != "none" and torch.device(device).type != "cuda":
+        raise ConfigError(f"backbone.offload: {offload!r} CPU offload needs a CUDA device, got {device!r}; "
+                          "set offload: none")
+
+
+def place(pipe, offload: str, device) -> None:
+    """Move the pipeline's modules to ``device`` or install diffusers' CPU offload hooks."""
+    if offload == "none":
+        pipe.to(device)
+        return
+    check_offload(offload, device)
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.enable_sequential_cpu_offload(device=device)
+
+
+# ---------------------------------------------------------------------- prompts and conditioning
+def check_prompts(prompts: Any) -> list[str]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ConfigError(f"prompts: expected a non-empty list of strings, got {type(prompts).__name__}")
+    return list(prompts)
+
+
+def warn_truncation(tokenizer, prompts: list[str], max_length: int, encoder: str) -> list[int]:
+    """Warn (``UserWarning``) about prompts longer than ``max_length`` tokens; the pipelines truncate them.
+
+    Returns:
+        `list[int]`: indices of truncated prompts.
+    """
+    if tokenizer is None:
+        return []
+    ids = tokenizer(prompts, padding=False, truncation=False).input_ids
+    long = [i for i, t in enumerate(ids) if len(t) > max_length]
+    if long:
+        shown = "; ".join(f"#{i} ({len(ids[i])} tokens): {prompts[i][:60]!r}" for i in long[:3])
+        warnings.warn(f"prompts: {len(long)} prompt(s) exceed the {encoder} limit of {max_length} tokens and are "
+                      f"truncated, as the diffusers pipeline does: {shown}{' ...' if len(long) > 3 else ''}",
+                      UserWarning, stacklevel=3)
+    return long
+
+
+def expand_cond(cond: Prepared, m: int) -> Prepared:
+    """``cond`` prepared for ``B`` samples, repeated point-major to the state batch ``m = k * B``."""
+    if not isinstance(cond, Prepared):
+        raise ConfigError(f"cond: expected the object returned by backbone.prepare(), got {type(cond).__name__}")
+    b = cond.batch
+    if b == m:
+        return cond
+    if m % b:
+        raise ConfigError(f"cond: prepared for {b} samples, cannot serve a state batch of {m}")
+    return cond.repeat(m // b)
+
+
+def per_sample(sigma, x: torch.Tensor) -> torch.Tensor:
+    """``sigma`` as a float64 ``(M,)`` tensor on x's device."""
+    s = torch.as_tensor(sigma, device=x.device).to(torch.float64)
+    return s.expand(x.shape[0]) if s.dim() == 0 else s.reshape(x.shape[0])
+
+
+def bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def table_value(table, key: str):
+    """Metadata ``key`` of an EPD table: attribute, then ``backbone_config`` (the original's layouts)."""
+    meta = getattr(table, "meta", {}) or {}
+    if meta.get(key) is not None:
+        return meta[key]
+    cfg = meta.get("backbone_config") or meta.get("backend_config") or {}
+    return cfg.get(key)
+
+
+# ---------------------------------------------------------------------- shared backbone behaviour
+class DiffusersBackbone:
+    """Base of the SD1.5/SD3/FLUX adapters (see :class:`~epd.backbones.base.Backbone`).
+
+    Subclasses set ``name``, ``flow``, ``device``, ``latent_shape``, ``denoiser``, ``vae``, ``settings`` and implement
+    ``prepare``, ``sigmas`` and ``sigmas_for_table``.
+    """
+
+    name = ""
+    flow = False
+    vae = None
+    settings: dict = {}
+    latent_shape: tuple = ()
+
+    @property
+    def coords(self) -> str:
+        return self.denoiser.coords
+
+    @property
+    def sigma_min(self) -> float:
+        return self.denoiser.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.denoiser.sigma_max
+
+    @property
+    def resolution(self) -> int:
+        return int(self.settings["resolution"])
+
+    def noise(self, seeds: list[int], sigma: float | None = None) -> torch.Tensor:
+        """Initial states: per seed ``randn(latent_shape)`` from ``torch.Generator("cpu").manual_seed(seed)`` (the
+        same numbers on every device, and the same as the diffusers pipeline with one CPU generator per image).
+
+        In EDM coordinates the draw is scaled to ``sigma`` (default ``sigma_max``): ``sigma * z`` for SD1.5 (the
+        original's convention) and ``z / (1 - t)`` for a flow model started at ``t = sigma / (1 + sigma)``, which
+        is the flow state ``z`` expressed in EDM coordinates. Flow coordinates: ``z`` unscaled.
+
+        Returns:
+            `torch.Tensor` float32 ``(len(seeds), *latent_shape)`` on the execution device.
+        """
+        if isinstance(seeds, int):
+            seeds = [seeds]
+        if not seeds:
+            raise ConfigError("seeds: need at least one seed")
+        z = torch.stack([torch.randn(self.latent_shape, generator=torch.Generator("cpu").manual_seed(int(s)))
+                         for s in seeds]).to(self.device)
+        if self.coords == "flow":
+            return z
+        s = self.sigma_max if sigma is None else float(sigma)
+        return z * (1 + s) if self.flow else z * s
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, 3, H, W)`` in ``[0, 1]`` (float32) from final states, decoded as they are (the original
+        does not denoise to 0), ``vae_batch`` at a time."""
+        if self.vae is None:
+            raise ConfigError(f"decode: backbone {self.name!r} was built without a VAE")
+        cfg = self.vae.config
+        vae_dtype = next(self.vae.parameters()).dtype
+        out = []
+        for chunk in torch.split(x, self.settings["vae_batch"]):
+            lat = chunk / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+            img = self.vae.decode(lat.to(self.device, vae_dtype), return_dict=False)[0]
+            out.append((img.float() / 2 + 0.5).clamp(0, 1))
+        return torch.cat(out)
+
+    def check_table(self, table, *, strict_guidance: bool = False) -> None:
+        """Raise :class:`ConfigError` when an EPD table was made for another backbone, resolution or coordinates.
+
+        SD1.5 tables of the original record a meaningless ``img_resolution=1024`` (spec §4.5), so the resolution
+        is compared for SD3/FLUX only. A different guidance scale warns (or raises with ``strict_guidance``).
+        """
+        meta = getattr(table, "meta", {}) or {}
+        problems = []
+        bb = meta.get("backbone") or meta.get("backend")
+        bb = {"ldm": "sd15"}.get(bb, bb)
+        if bb is not None and bb != self.name:
+            problems.append(f"backbone: predictor is for {bb!r}, the config loads {self.name!r}")
+        res = table_value(table, "img_resolution") or table_value(table, "resolution")
+        if self.name != "sd15" and res is not None and int(res) != self.resolution:
+            problems.append(f"resolution: predictor was made at {int(res)} px, backbone.resolution is "
+                            f"{self.resolution}")
+        coords = meta.get("coords") or ("flow" if self.flow else "edm")
+        if coords != self.coords:
+            problems.append(f"coords: predictor steps in {coords!r} coordinates, backbone.coords is {self.coords!r}")
+        if problems:
+            raise ConfigError("predictor does not match the backbone config: " + "; ".join(problems)
+                              + " (use a predictor made for this backbone, or change the config)")
+        rate = meta.get("guidance_rate")
+        if rate is not None and abs(float(rate) - self.settings["guidance_scale"]) > 1e-9:
+            msg = (f"predictor was tuned at guidance {rate}, backbone.guidance_scale is "
+                   f"{self.settings['guidance_scale']}")
+            if strict_guidance:
+                raise ConfigError(msg)
+            warnings.warn(msg, UserWarning, stacklevel=2)
+
+    def table_grid(self, table) -> torch.Tensor:
+        """Check ``table`` against this backbone; return the grid its metadata asks for (``sigmas_for_table``)."""
+        self.check_table(table)
+        return self.sigmas_for_table(table)
+
+
+def default_flow_schedule(settings: dict) -> str:
+    """``backbone.schedule``, else ``flowmatch`` in flow coordinates and ``flowmatch_dpm`` (starts below t = 1) in
+    EDM coordinates."""
+    from .flow_schedules import FLOW_SCHEDULES
+
+    name = settings["schedule"] or ("flowmatch" if settings["coords"] == "flow" else "flowmatch_dpm")
+    if name not in FLOW_SCHEDULES:
+        raise ConfigError(f"backbone.schedule: expected one of {list(FLOW_SCHEDULES)}, got {name!r}")
+    return name
+
+
+class FlowDenoiser:
+    """``D(x, sigma) = x_t - t * v(x_t, t)`` for a flow-matching velocity model.
+
+    In ``"flow"`` coordinates ``sigma`` is the flow time ``t`` and ``x = x_t``; in ``"edm"`` coordinates
+    ``t = sigma / (1 + sigma)`` and ``x_t = (1 - t) x = x / (1 + sigma)``. ``D`` is the clean-latent estimate in
+    both. Subclasses implement ``velocity(x_t, t, cond) -> v`` (float32, same shape as ``x_t``).
+    """
+
+    coords = "flow"
+    passes_per_eval = 1
+
+    def __call__(self, x: torch.Tensor, sigma, cond: Prepared = None) -> torch.Tensor:
+        s = per_sample(sigma, x)
+        if self.coords == "flow":
+            t, x_t = s, x
+        else:
+            t = s / (1 + s)
+            x_t = x / bcast(1 + s, x)
+        v = self.velocity(x_t, t, expand_cond(cond, x.shape[0]))
+        return x_t - bcast(t, x) * v.to(x.dtype)
+
+    @property
+    def sigma_min(self) -> float:
+        t = self.t_min
+        return t if self.coords == "flow" else t / (1 - t)
+
+    @property
+    def sigma_max(self) -> float:
+        t = self.t_max
+        return t if self.coords == "flow" else t / (1 - t)

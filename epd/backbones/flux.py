@@ -1,0 +1,251 @@
+"""FLUX.1-dev through diffusers (FluxTransformer2DModel + AutoencoderKL + CLIP + T5).
+
+Guidance-distilled rectified flow: the guidance scale (3.5) enters as the transformer's guidance embedding, with
+**no** batch doubling and no negative prompt (spec §3.4, §7.3). The solver sees a 4-D latent
+``(16, 2 * (res // 16), 2 * (res // 16))``; the adapter packs it into 2x2 patches (``(res/16)^2`` tokens x 64)
+with ``latent_image_ids`` for the transformer and unpacks the velocity; the transformer's time input is ``t``.
+Grids (:mod:`epd.backbones.flow_schedules`) use ``mu`` from the packed token count (1.15 at 1024x1024):
+``flowmatch`` (the original's ``s = linspace(1, 1/1000, N)``), ``flowmatch_official`` (``FluxPipeline``'s
+``linspace(1, 1/steps, steps)`` plus 0; differs from the original, spec §2), ``flowmatch_dpm``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+from .base import Prepared
+from .diffusers_common import (DiffusersBackbone, FlowDenoiser, check_offload, check_prompts, check_weights_folder,
+                               default_flow_schedule, parse_settings, place, resolve_dtype, settings_from_section,
+                               table_value, warn_truncation)
+from .flow_schedules import FLOW_SCHEDULES, calculate_flux_mu, flow_to_edm, flux_sigmas
+from .weights import resolve
+
+__all__ = ["FluxDenoiser", "FluxBackbone", "load", "check", "DEFAULTS", "LAYOUT", "SCHEDULER_CONFIG", "RESOLUTIONS",
+           "pack_latents", "unpack_latents", "latent_image_ids"]
+
+DEFAULTS = {
+    "resolution": 1024,
+    "guidance_scale": 3.5,
+    "negative_prompt": None,  # FLUX.1-dev takes none (true CFG is not wired, as in the original)
+    "max_sequence_length": 512,
+    "coords": "flow",
+    "schedule": None,  # None: flowmatch (flow coords) / flowmatch_dpm (edm coords)
+    "mu": None,        # None: from the packed token count (calculate_flux_mu)
+    "shift": 3.0,      # stored by the original, unused with dynamic shifting
+}
+RESOLUTIONS = (512, 1024)
+# black-forest-labs/FLUX.1-dev/scheduler/scheduler_config.json
+SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+                    "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+                    "max_image_seq_len": 4096}
+LAYOUT = {"transformer": "diffusers", "vae": "diffusers", "text_encoder": "transformers",
+          "text_encoder_2": "transformers", "tokenizer": "clip_tokenizer", "tokenizer_2": "t5_tokenizer",
+          "scheduler": "scheduler"}
+
+
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, H/2 * W/2, 4C)``: 2x2 patches, as ``FluxPipeline._pack_latents``."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`pack_latents` for a latent of height ``h`` and width ``w``."""
+    b, _, ch = x.shape
+    return x.view(b, h // 2, w // 2, ch // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, ch // 4, h, w)
+
+
+def latent_image_ids(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Positional ids ``(h/2 * w/2, 3)`` of the packed tokens: ``(0, row, col)``."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] = torch.arange(h // 2)[:, None]
+    ids[..., 2] = torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+class FluxDenoiser(FlowDenoiser):
+    """Flow denoiser around a FLUX transformer with embedded guidance (one pass per evaluation).
+
+    Args:
+        transformer: ``FluxTransformer2DModel``.
+        guidance_scale (`float`): the guidance embedding value (ignored when the model has no guidance embedder).
+        coords (`str`): ``"flow"`` or ``"edm"``.
+    """
+
+    passes_per_eval = 1
+
+    def __init__(self, transformer, guidance_scale: float = 3.5, coords: str = "flow", t_min: float = 1e-3,
+                 t_max: float = 1.0, device="cpu"):
+        self.transformer = transformer
+        self.guidance_scale = float(guidance_scale)
+        self.coords = coords
+        self.t_min, self.t_max = t_min, t_max
+        self.device = torch.device(device)
+        self._ids: dict = {}
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, c: Prepared) -> torch.Tensor:
+        m, _, h, w = x_t.shape
+        dt = self.transformer.dtype
+        key = (h, w)
+        if key not in self._ids:
+            self._ids[key] = latent_image_ids(h, w, self.device, dt)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((m,), self.guidance_scale, device=self.device, dtype=torch.float32)
+        v = self.transformer(hidden_states=pack_latents(x_t.to(dt)), timestep=t.to(self.device, dt),
+                             guidance=guidance, pooled_projections=c.tensors["pooled"],
+                             encoder_hidden_states=c.tensors["embeds"], txt_ids=c.extra["text_ids"],
+                             img_ids=self._ids[key], return_dict=False)[0]
+        return unpack_latents(v.float(), h, w)
+
+
+class FluxBackbone(DiffusersBackbone):
+    """FLUX.1-dev as a :class:`~epd.backbones.base.Backbone` (flow coordinates and the original's grid by default)."""
+
+    name = "flux"
+    flow = True
+
+    def __init__(self, pipe, settings: dict, device):
+        self.pipe = pipe
+        self.settings = settings
+        self.device = torch.device(device)
+        self.transformer, self.vae = pipe.transformer, pipe.vae
+        self.scheduler_config = dict(pipe.scheduler.config)
+        if settings["negative_prompt"]:
+            raise ConfigError("backbone.negative_prompt: FLUX.1-dev is guidance-distilled and takes no negative prompt "
+                              "(true CFG is not wired, as in the original); remove the setting")
+        vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 8
+        if self.resolution % (vae_scale * 2):
+            raise ConfigError(f"backbone.resolution: {self.resolution} must be a multiple of {vae_scale * 2} "
+                              f"(VAE factor {vae_scale} x 2x2 packing)")
+        lat = 2 * (self.resolution // (vae_scale * 2))
+        self.latent_shape = (self.transformer.config.in_channels // 4, lat, lat)
+        cfg = self.scheduler_config
+        self.image_seq_len = (lat // 2) ** 2
+        self.mu = float(settings["mu"]) if settings["mu"] is not None else calculate_flux_mu(
+            self.image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+        self.default_schedule = default_flow_schedule(settings)
+        t_max = 1.0 if settings["coords"] == "flow" else float(flux_sigmas(3, self.mu, "flowmatch_dpm")[0])
+        self.denoiser = FluxDenoiser(self.transformer, settings["guidance_scale"], settings["coords"], 1e-3, t_max,
+                                     self.device)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_components(cls, transformer, vae=None, text_encoders=(None, None), tokenizers=(None, None),
+                        scheduler_config: dict | None = None, config: dict | None = None, device="cpu",
+                        dtype=None) -> "FluxBackbone":
+        """Wrap already-built modules.
+
+        Args:
+            transformer: ``FluxTransformer2DModel``.
+            vae: ``AutoencoderKL`` or None.
+            text_encoders (`tuple`): ``(CLIPTextModel, T5EncoderModel)`` or Nones.
+            tokenizers (`tuple`): ``(CLIPTokenizer, T5TokenizerFast)``.
+            scheduler_config (`dict`, *optional*): defaults to FLUX.1-dev's (dynamic shifting, 0.5 -> 1.15).
+            config (`dict`): backbone settings (see :data:`DEFAULTS`).
+        """
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+        settings = parse_settings("flux", config, DEFAULTS)
+        for m in (transformer, vae, *text_encoders):
+            if m is not None:
+                m.eval().to(device=device, dtype=dtype) if dtype is not None else m.eval().to(device)
+        sched = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config or SCHEDULER_CONFIG)
+        pipe = FluxPipeline(scheduler=sched, vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0],
+                            text_encoder_2=text_encoders[1], tokenizer_2=tokenizers[1], transformer=transformer)
+        return cls(pipe, settings, device)
+
+    @classmethod
+    def from_pretrained(cls, path=None, *, config: dict | None = None, device="cpu", dtype=None) -> "FluxBackbone":
+        """Load FLUX.1-dev from a local diffusers folder (``FLUX_MODEL_PATH``, ``data/weights/flux1-dev``, HF cache).
+
+        Args:
+            config (`dict`): backbone settings; ``dtype`` defaults to bfloat16 on CUDA.
+        """
+        from diffusers import FluxPipeline
+
+        settings = parse_settings("flux", config, DEFAULTS)
+        device = settings["device"] or device
+        check_offload(settings["offload"], device)
+        folder, variant = _check(settings, path)
+        dtype = resolve_dtype(dtype or settings["dtype"], device, torch.bfloat16)
+        pipe = FluxPipeline.from_pretrained(str(folder), torch_dtype=dtype, variant=variant, local_files_only=True)
+        place(pipe, settings["offload"], device)
+        return cls(pipe, settings, device)
+
+    # ------------------------------------------------------------------ Backbone protocol
+    @torch.no_grad()
+    def prepare(self, prompts: list[str], negative_prompt=None) -> Prepared:
+        """Pooled CLIP and T5 embeddings of ``prompts`` (computed once). Over-long prompts are truncated with a
+        warning (CLIP 77 tokens, T5 ``max_sequence_length``)."""
+        if negative_prompt:
+            raise ConfigError("negative_prompt: FLUX.1-dev takes no negative prompt (guidance is embedded)")
+        prompts = check_prompts(prompts)
+        p = self.pipe
+        if p.text_encoder is None or p.text_encoder_2 is None or p.tokenizer is None or p.tokenizer_2 is None:
+            raise ConfigError("prepare: this FLUX backbone was built without its text encoders; use prepare_embeds()")
+        warn_truncation(p.tokenizer, prompts, p.tokenizer_max_length, "CLIP text encoder")
+        warn_truncation(p.tokenizer_2, prompts, self.settings["max_sequence_length"], "T5 (max_sequence_length)")
+        emb, pooled, _ = p.encode_prompt(prompts, None, device=self.device,
+                                         max_sequence_length=self.settings["max_sequence_length"])
+        return self.prepare_embeds(emb, pooled)
+
+    def prepare_embeds(self, embeds: torch.Tensor, pooled: torch.Tensor) -> Prepared:
+        """Conditioning from precomputed T5 embeddings ``(B, L, 4096)`` and pooled CLIP ``(B, 768)``."""
+        dt = self.transformer.dtype
+        text_ids = torch.zeros(embeds.shape[1], 3, device=self.device, dtype=dt)
+        return Prepared({"embeds": embeds.to(self.device, dt), "pooled": pooled.to(self.device, dt)},
+                        {"text_ids": text_ids})
+
+    def sigmas(self, num_points: int, schedule: str | None = None, **kw) -> torch.Tensor:
+        """Grid in the denoiser's coordinates.
+
+        Args:
+            schedule (`str`): ``"flowmatch"`` (original), ``"flowmatch_official"`` (``FluxPipeline``, ends at 0)
+                or ``"flowmatch_dpm"``.
+            kw: ``mu`` overrides the backbone's.
+        """
+        mu = kw.pop("mu", None)
+        t = flux_sigmas(num_points, self.mu if mu is None else float(mu), schedule or self.default_schedule)
+        return t if self.coords == "flow" else flow_to_edm(t)
+
+    def sigmas_for_table(self, table) -> torch.Tensor:
+        """The original's grid for a FLUX table: ``schedule_type``, ``num_steps`` and the table's ``flowmatch_mu``
+        (attribute -> ``backbone_config`` -> this backbone's ``mu``)."""
+        schedule = table_value(table, "schedule_type") or "flowmatch"
+        if schedule not in FLOW_SCHEDULES:
+            raise ConfigError(f"predictor schedule_type {schedule!r} is not a flow-matching grid; FLUX needs flowmatch")
+        return self.sigmas(table.num_steps, schedule, mu=table_value(table, "flowmatch_mu"))
+
+
+def _check(settings: dict, path=None):
+    import json
+
+    if settings["resolution"] not in RESOLUTIONS:
+        raise ConfigError(f"backbone.resolution: FLUX.1-dev runs at {list(RESOLUTIONS)} px here, "
+                          f"got {settings['resolution']}")
+    folder = resolve("backbone", "flux", explicit=path or settings["model_path"])
+    variant = check_weights_folder(folder, "flux", LAYOUT, "FluxPipeline",
+                                   {"transformer": "FluxTransformer2DModel", "vae": "AutoencoderKL"})
+    tcfg = json.loads((folder / "transformer" / "config.json").read_text())
+    if not tcfg.get("guidance_embeds", False):
+        raise ConfigError(f"weights at {folder}: the transformer has no guidance embedding (FLUX.1-schnell?); "
+                          "this backbone is the guidance-distilled FLUX.1-dev")
+    return folder, variant
+
+
+def check(config: dict | None = None, path=None):
+    """Resolve FLUX.1-dev weights and validate the folder (files, architecture) and resolution without loading.
+
+    Returns:
+        `Path`: the weights folder. Raises ``MissingWeightsError`` listing every missing file, or ``ConfigError``.
+    """
+    return _check(parse_settings("flux", settings_from_section("flux", config), DEFAULTS), path)[0]
+
+
+def load(config: dict, device="cpu", **_) -> FluxBackbone:
+    """Load the backbone described by a workflow ``backbones.<key>`` section (``kind: flux``; adapter settings
+    at its top level or in ``backend_config``) from local weights only."""
+    return FluxBackbone.from_pretrained(None, config=settings_from_section("flux", config), device=device)
