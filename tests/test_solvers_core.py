@@ -12,7 +12,16 @@ from epd.predictor import EPDTable, uniform_table
 from epd.schedules import discrete_vp, edm_polynomial, logsnr, time_uniform, vp_spacing
 from epd.solvers import SOLVERS, solve, steps_for_nfe
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """These tests compare in float64; restore the default afterwards so other modules are unaffected."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
 GMM = make_gmm(dim=6, num_classes=3, per_class=2, seed=1)
 DEN = GMMDenoiser(GMM, guidance=2.0)
 COND = torch.arange(5) % 3

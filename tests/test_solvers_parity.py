@@ -12,7 +12,16 @@ diffusers = pytest.importorskip("diffusers")
 from epd.backbones.gmm import GMMDenoiser, make_gmm  # noqa: E402
 from epd.solvers import solve  # noqa: E402
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """These tests compare in float64; restore the default afterwards so other modules are unaffected."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
 
 GMM = make_gmm(dim=8, num_classes=2, per_class=2, seed=3)
 DEN = GMMDenoiser(GMM, guidance=1.5)
