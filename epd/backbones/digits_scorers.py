@@ -1,0 +1,129 @@
+"""Scorer factories of the digits backbone, registered in :mod:`epd.rewards` as ``digits_*``.
+
+All read the independent classifier from ``weights_dir`` (the ``epd backbone train --out`` folder holding
+``classifier.safetensors``). Image scorers: ``scorer(images (B, 3, H, W) in [0, 1], prompts) -> (B,) float64``.
+
+* ``digits_alignment`` (:func:`make_alignment`): ``log p(prompted digit | image)``; the teacher is already near 0.
+* ``digits_realism`` (:func:`make_realism`): ``-(f - mu_y)^T P (f - mu_y) / d``, the negative Mahalanobis distance
+  of the image's classifier features ``f`` to the train-split feature Gaussian of the prompted class (pooled,
+  shrunk covariance). Real held-out digits average about ``-1``; it has headroom above what the teacher reaches
+  (0 is the class prototype). The held-out split is not used, so it stays an unbiased evaluation reference.
+* ``digits_accuracy`` (:func:`make_accuracy`): 1 if the classifier's top class is the prompted digit, else 0.
+* ``digits_fd`` (:func:`make_fd`): a set scorer, ``compute(images_a, images_b)`` -> Fréchet distance of classifier
+  features (FD is biased by sample size: compare values at equal counts only).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import EPDError
+from .digits import parse_prompts
+from .digits_classifier import DigitsClassifier, frechet_distance, load_classifier
+
+__all__ = ["make_alignment", "make_realism", "make_accuracy", "make_fd", "DigitsImageScorer", "DigitsFD"]
+
+
+def _check_images(images) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] not in (1, 3):
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise EPDError(f"images: expected a (B, 3, H, W) tensor in [0, 1], got {shape}")
+    if not images.is_floating_point() or not torch.isfinite(images).all():
+        raise EPDError("images: expected finite float values in [0, 1]")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        raise EPDError(f"images: values must lie in [0, 1], got [{lo:.3f}, {hi:.3f}]"
+                       + (" (images in [-1, 1]? map them with (x + 1) / 2)" if lo < -0.1 else ""))
+    return images
+
+
+def _load(weights_dir, device) -> DigitsClassifier:
+    if weights_dir is None:
+        raise EPDError("digits scorers need weights_dir: the `epd backbone train --out DIR` folder that holds "
+                       "classifier.safetensors")
+    return load_classifier(Path(weights_dir), device)[0]
+
+
+class DigitsImageScorer:
+    """Per-image scorer over the digits classifier.
+
+    Args:
+        clf (:class:`DigitsClassifier`): the loaded classifier.
+        name (`str`): registry name.
+        kind (`str`): ``"alignment"``, ``"realism"`` or ``"accuracy"``.
+    """
+
+    higher_is_better = True
+
+    def __init__(self, clf: DigitsClassifier, name: str, kind: str):
+        if kind not in ("alignment", "realism", "accuracy"):
+            raise ValueError(f"kind: {kind!r}")
+        self.clf, self.name, self.kind = clf, name, kind
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        images = _check_images(images)
+        labels = parse_prompts(prompts)
+        if len(labels) != len(images):
+            raise EPDError(f"prompts: got {len(labels)} prompts for {len(images)} images")
+        feats, logp = self.clf.read(images)
+        labels = labels.to(feats.device)
+        if self.kind == "alignment":
+            out = logp.gather(1, labels[:, None])[:, 0]
+        elif self.kind == "accuracy":
+            out = (logp.argmax(-1) == labels).float()
+        else:
+            out = self.clf.realism(feats, labels)
+        return out.double().cpu()
+
+
+class DigitsFD:
+    """Set scorer: Fréchet distance between the classifier features of two image sets.
+
+    Args:
+        clf (:class:`DigitsClassifier`): the loaded classifier.
+    """
+
+    name = "digits_fd"
+    higher_is_better = False
+    kind = "set"
+
+    def __init__(self, clf: DigitsClassifier):
+        self.clf = clf
+
+    def features(self, images: torch.Tensor) -> np.ndarray:
+        """Classifier features ``(N, d)`` (float64) of images ``(N, 3, H, W)`` in ``[0, 1]``."""
+        return self.clf.read(_check_images(images))[0].double().cpu().numpy()
+
+    def compute(self, images_a: torch.Tensor, images_b: torch.Tensor) -> float:
+        """FD between the two sets (either may also be a precomputed ``(N, d)`` feature array)."""
+        fa = images_a if _is_features(images_a) else self.features(images_a)
+        fb = images_b if _is_features(images_b) else self.features(images_b)
+        return frechet_distance(fa, fb)
+
+
+def _is_features(x) -> bool:
+    return (isinstance(x, np.ndarray) or isinstance(x, torch.Tensor)) and x.ndim == 2
+
+
+def make_alignment(weights_dir=None, device: str = "cpu", **kw) -> DigitsImageScorer:
+    """``digits_alignment``: log-probability of the prompted digit under the classifier."""
+    return DigitsImageScorer(_load(weights_dir, device), "digits_alignment", "alignment")
+
+
+def make_realism(weights_dir=None, device: str = "cpu", **kw) -> DigitsImageScorer:
+    """``digits_realism``: negative Mahalanobis distance to the prompted class's feature Gaussian (per dimension)."""
+    return DigitsImageScorer(_load(weights_dir, device), "digits_realism", "realism")
+
+
+def make_accuracy(weights_dir=None, device: str = "cpu", **kw) -> DigitsImageScorer:
+    """``digits_accuracy``: 1 if the classifier reads the prompted digit, else 0."""
+    return DigitsImageScorer(_load(weights_dir, device), "digits_accuracy", "accuracy")
+
+
+def make_fd(weights_dir=None, device: str = "cpu", **kw) -> DigitsFD:
+    """``digits_fd``: set scorer with ``compute(images_a, images_b)`` -> Fréchet distance of classifier features."""
+    return DigitsFD(_load(weights_dir, device))

@@ -1,0 +1,313 @@
+"""``epd bench backbone``: train the embedded digits backbone from scratch and measure it (JSON report).
+
+What it shows (the acceptance criteria of the embedded backbone):
+
+* training time at the configured budget on this machine (with CPU count and load average),
+* teacher quality: a high-NFE solve at the configured CFG scale, classified as the prompted digit, and its
+  digits-FD against the held-out digits next to the FD between real train and held-out digits **at equal sample
+  counts** (FD is biased by sample size),
+* generalisation: held-out vs train denoising loss, and the distance of samples to their nearest training digit
+  next to that of real held-out digits,
+* solver separation: the baselines at NFE 3/5/7/9 (FD, accuracy, final-state RMSE vs the teacher, same noise).
+
+Heun and DPM-Solver-2 reach odd NFE the way EDM's sampler does: the grid gets a final step to ``sigma = 0``, which
+is an Euler step (``denoise_to_zero``); all other runs end at ``sigma_min`` like the teacher.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, EPDError
+from ..io import atomic_write_json
+
+__all__ = ["BenchConfig", "run_bench", "add_arguments", "run"]
+
+log = logging.getLogger(__name__)
+
+BASELINES = ["euler", "heun", "dpm2", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm"]
+
+
+@dataclass
+class BenchConfig:
+    """Options of the backbone benchmark (``backbones.digits.bench`` in the YAML config).
+
+    Args:
+        samples_per_class (`int`): generated samples per digit; ``10 x`` this must not exceed the train split
+            (the real-data FD reference uses a train subset of the same size).
+        teacher_solver (`str`), teacher_steps (`int`): the reference solve (``steps + 1`` grid points).
+        solvers (`list[str]`), nfes (`list[int]`): the baselines table.
+        seed (`int`): first noise seed (sample ``i`` uses seed ``seed + i``).
+        subset_seed (`int`): seed of the train subset used as the equal-count real reference.
+        guidance_sweep (`list[float]`), sweep_samples_per_class (`int`), sweep_steps (`int`): a smaller Heun solve
+            at several CFG scales, showing that guidance works (accuracy and rewards per scale; its FD values use
+            their own sample count and compare only with each other).
+    """
+
+    samples_per_class: int = 150
+    teacher_solver: str = "heun"
+    teacher_steps: int = 50
+    solvers: list = field(default_factory=lambda: list(BASELINES))
+    nfes: list = field(default_factory=lambda: [3, 5, 7, 9])
+    seed: int = 0
+    subset_seed: int = 0
+    guidance_sweep: list = field(default_factory=lambda: [0.0, 1.0, 2.0])
+    sweep_samples_per_class: int = 50
+    sweep_steps: int = 25
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "BenchConfig":
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        for k in d:
+            if k not in known:
+                raise ConfigError(f"backbones.digits.bench.{k}: unknown key; known: {sorted(known)}")
+        return cls(**d)
+
+
+def _read_config(path: Path) -> tuple[dict, "object", BenchConfig]:
+    import yaml
+
+    from ..backbones.digits_train import load_train_config
+
+    train_cfg = load_train_config(path)
+    section = yaml.safe_load(path.read_text())["backbones"]["digits"]
+    guidance = section.get("guidance", 1.0)
+    if not isinstance(guidance, (int, float)) or isinstance(guidance, bool):
+        raise ConfigError(f"{path}: backbones.digits.guidance must be a number, got {guidance!r}")
+    return section, train_cfg, BenchConfig.from_dict(section.get("bench"))
+
+
+def _sha(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def _nearest_distance(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """L2 distance from each row of ``x`` to its nearest row of ``ref`` (flattened images)."""
+    return torch.cdist(x.flatten(1).double(), ref.flatten(1).double()).min(1).values
+
+
+def _machine() -> dict:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(), "processor": platform.processor(),
+            "loadavg_1_5_15": [round(v, 2) for v in load] if load else None}
+
+
+def run_bench(config_path: str | os.PathLike, out: str | os.PathLike, weights: str | os.PathLike | None = None,
+              workdir: str | os.PathLike | None = None) -> dict:
+    """Train (unless ``weights`` is given) and measure the digits backbone; write the JSON report to ``out``.
+
+    Args:
+        config_path: workflow YAML with a ``backbones.digits`` section.
+        out: JSON file to write.
+        weights (*optional*): an existing training folder to measure instead of training.
+        workdir (*optional*): train into this folder instead of a temporary one (kept afterwards).
+
+    Returns:
+        The report dict.
+    """
+    from ..backbones.digits_train import train
+
+    config_path = Path(config_path)
+    section, train_cfg, bcfg = _read_config(config_path)
+    guidance = float(section.get("guidance", 1.0))
+    report: dict = {"config": str(config_path), "guidance": guidance, "machine_start": _machine()}
+    tmp = None
+    try:
+        if weights is None:
+            if workdir is None:
+                tmp = tempfile.TemporaryDirectory(prefix="epd-bench-backbone-")
+                workdir = tmp.name
+            t0 = time.perf_counter()
+            try:
+                summary = train(train_cfg, workdir, progress=False)
+            except EPDError as e:
+                if tmp is None:
+                    raise
+                raise EPDError(f"bench: training in a temporary folder stopped ({e}); it cannot resume — pass "
+                               "--workdir DIR to keep a resumable training folder") from None
+            report["train_minutes"] = (time.perf_counter() - t0) / 60
+            report["train_detail"] = {"classifier_seconds": summary["classifier_seconds"],
+                                      "denoiser_seconds": summary["denoiser_seconds"], "steps": train_cfg.steps,
+                                      "batch_size": train_cfg.batch_size}
+            report["machine_after_training"] = _machine()
+            weights = workdir
+        else:
+            report["train_minutes"] = None
+            report["weights"] = str(weights)
+        report.update(_measure(Path(weights), guidance, train_cfg, bcfg))
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    if report["train_minutes"] is not None:
+        report["checks"]["train_under_10_min"] = report["train_minutes"] <= 10
+    report["machine_end"] = _machine()
+    atomic_write_json(out, report)
+    return report
+
+
+def _measure(weights: Path, guidance: float, train_cfg, bcfg: BenchConfig) -> dict:
+    from ..backbones.digits import PROMPTS, DigitsBackbone, load_split, to_base_resolution
+    from ..backbones.digits_scorers import make_accuracy, make_alignment, make_fd, make_realism
+    from ..backbones.digits_train import denoising_loss
+    from ..solvers import solve, steps_for_nfe
+
+    backbone = DigitsBackbone.load(weights, guidance)
+    split = load_split(train_cfg.split_seed, train_cfg.n_heldout, train_cfg.upsample)
+    n = 10 * bcfg.samples_per_class
+    if n > len(split.x_train):
+        raise ConfigError(f"backbones.digits.bench.samples_per_class: {n} samples exceed the {len(split.x_train)} "
+                          "train digits that serve as the equal-count real reference; lower it")
+    fd_scorer, acc_scorer = make_fd(weights), make_accuracy(weights)
+    prompts = [PROMPTS[c] for c in range(10) for _ in range(bcfg.samples_per_class)]
+    cond = backbone.prepare(prompts)
+    x_T = backbone.noise(list(range(bcfg.seed, bcfg.seed + n)))
+    res: dict = {"n_samples": n, "n_heldout": len(split.x_heldout), "n_train": len(split.x_train)}
+
+    def images01(x):
+        return (x + 1) / 2
+
+    # Real reference at equal counts: a train subset of n digits vs all held-out digits.
+    feats_ho = fd_scorer.features(images01(split.x_heldout))
+    sub = torch.randperm(len(split.x_train), generator=torch.Generator().manual_seed(bcfg.subset_seed))[:n]
+    feats_tr = fd_scorer.features(images01(split.x_train[sub]))
+    res["real_fd_train_vs_heldout"] = fd_scorer.compute(feats_tr, feats_ho)
+    res["fd_counts"] = {"generated_or_train_subset": n, "heldout_reference": len(split.x_heldout),
+                        "note": "every FD in this report is n generated (or n real train) vs all held-out digits"}
+    res["real_heldout_accuracy"] = float(acc_scorer(images01(split.x_heldout),
+                                                    [PROMPTS[int(c)] for c in split.y_heldout]).mean())
+
+    # Teacher.
+    t = time.perf_counter()
+    sig_t = backbone.sigmas(bcfg.teacher_steps + 1)
+    teacher = solve(bcfg.teacher_solver, backbone.denoiser, x_T, sig_t, cond=cond)
+    res["teacher"] = {"solver": bcfg.teacher_solver, "steps": bcfg.teacher_steps, "nfe": teacher.nfe,
+                      "forward_passes": teacher.forward_passes, "seconds": time.perf_counter() - t}
+    img_t = backbone.decode(teacher.x)
+    res["teacher_accuracy"] = float(acc_scorer(img_t, prompts).mean())
+    feats_t = fd_scorer.features(img_t)
+    res["teacher_fd"] = fd_scorer.compute(feats_t, feats_ho)
+    res["teacher_fd_vs_train_subset"] = fd_scorer.compute(feats_t, feats_tr)
+    res["teacher_fd_ratio"] = res["teacher_fd"] / res["real_fd_train_vs_heldout"]
+    res["teacher_samples_sha256"] = _sha(teacher.x)
+
+    # Teacher convergence: the same solve with twice the steps on a subset.
+    k = min(n, 300)
+    fine = solve(bcfg.teacher_solver, backbone.denoiser, x_T[:k], backbone.sigmas(2 * bcfg.teacher_steps + 1),
+                 cond=cond[:k])
+    res["teacher"]["rmse_vs_double_steps"] = float((fine.x - teacher.x[:k]).pow(2).mean().sqrt())
+
+    # Rewards: the teacher vs real held-out digits (0 is the maximum of both).
+    align, real = make_alignment(weights), make_realism(weights)
+    ho_prompts = [PROMPTS[int(c)] for c in split.y_heldout]
+    res["rewards"] = {
+        "teacher": {"digits_alignment": float(align(img_t, prompts).mean()),
+                    "digits_realism": float(real(img_t, prompts).mean())},
+        "heldout_real": {"digits_alignment": float(align(images01(split.x_heldout), ho_prompts).mean()),
+                         "digits_realism": float(real(images01(split.x_heldout), ho_prompts).mean())},
+        "upper_bound": {"digits_alignment": 0.0, "digits_realism": 0.0},
+    }
+
+    # Generalisation.
+    x_tr_base = to_base_resolution(images01(split.x_train))
+    nn_samples = _nearest_distance(to_base_resolution(img_t), x_tr_base)
+    nn_heldout = _nearest_distance(to_base_resolution(images01(split.x_heldout)), x_tr_base)
+    net = backbone.denoiser.net
+    res["generalisation"] = {
+        "train_loss": denoising_loss(net, split.x_train, split.y_train, train_cfg.p_mean, train_cfg.p_std),
+        "heldout_loss": denoising_loss(net, split.x_heldout, split.y_heldout, train_cfg.p_mean, train_cfg.p_std),
+        "nearest_train_distance_samples": float(nn_samples.mean()),
+        "nearest_train_distance_heldout": float(nn_heldout.mean()),
+        "note": "L2 in [-1, 1] pixel units at 8x8; losses are the EDM-weighted loss at 8 log-normal quantiles",
+    }
+    g = res["generalisation"]
+    g["heldout_over_train_loss"] = g["heldout_loss"] / g["train_loss"]
+    g["nearest_distance_ratio"] = g["nearest_train_distance_samples"] / g["nearest_train_distance_heldout"]
+
+    # Baselines.
+    table = []
+    t = time.perf_counter()
+    for name in bcfg.solvers:
+        for nfe in bcfg.nfes:
+            to_zero = False
+            try:
+                points = steps_for_nfe(name, nfe)
+            except ConfigError:
+                if name not in ("heun", "dpm2") or nfe % 2 == 0:
+                    raise
+                points, to_zero = (nfe + 1) // 2, True
+            out = solve(name, backbone.denoiser, x_T, backbone.sigmas(points), cond=cond, denoise_to_zero=to_zero)
+            img = backbone.decode(out.x)
+            table.append({"solver": name, "nfe": out.nfe, "grid_points": points, "final_step_to_zero": to_zero,
+                          "forward_passes": out.forward_passes,
+                          "fd": fd_scorer.compute(fd_scorer.features(img), feats_ho),
+                          "accuracy": float(acc_scorer(img, prompts).mean()),
+                          "rmse_vs_teacher": float((out.x - teacher.x).pow(2).mean().sqrt())})
+            if out.nfe != nfe:
+                raise EPDError(f"bench: {name} at NFE {nfe} made {out.nfe} evaluations")
+    res["baselines_seconds"] = time.perf_counter() - t
+    res["baselines"] = table
+    e5 = next((r for r in table if r["solver"] == "euler" and r["nfe"] == 5), None)
+    if e5 is not None:
+        res["euler_nfe5_fd"] = e5["fd"]
+        res["euler_nfe5_fd_over_teacher"] = e5["fd"] / res["teacher_fd"]
+    res["guidance_sweep"] = _guidance_sweep(backbone, bcfg, fd_scorer, acc_scorer, align, real, feats_ho)
+    from ..io import sha256_file
+
+    res["model_sha256"] = sha256_file(weights / "model.safetensors")[:16]
+    res["model_meta"] = {k: v for k, v in json.loads((weights / "model.json").read_text()).items()
+                         if k in ("arch", "steps", "train_seconds", "num_params", "final_log")}
+    res["checks"] = {
+        "train_under_10_min": None,
+        "teacher_accuracy_ge_0.95": res["teacher_accuracy"] >= 0.95,
+        "teacher_fd_within_2x_real": res["teacher_fd"] <= 2 * res["real_fd_train_vs_heldout"],
+        "euler_nfe5_fd_ge_1.5x_teacher": e5 is not None and e5["fd"] >= 1.5 * res["teacher_fd"],
+    }
+    return res
+
+
+def _guidance_sweep(backbone, bcfg: BenchConfig, fd_scorer, acc_scorer, align, real, feats_ho) -> dict:
+    from ..backbones.digits import PROMPTS, DigitsBackbone
+    from ..solvers import solve
+
+    prompts = [PROMPTS[c] for c in range(10) for _ in range(bcfg.sweep_samples_per_class)]
+    cond = backbone.prepare(prompts)
+    x_T = backbone.noise(list(range(bcfg.seed, bcfg.seed + len(prompts))))
+    sigmas = backbone.sigmas(bcfg.sweep_steps + 1)
+    out = {"n_samples": len(prompts), "solver": bcfg.teacher_solver, "steps": bcfg.sweep_steps, "scales": {}}
+    for w in bcfg.guidance_sweep:
+        bb = DigitsBackbone(backbone.denoiser.net, backbone.meta, guidance=w)
+        img = bb.decode(solve(bcfg.teacher_solver, bb.denoiser, x_T, sigmas, cond=cond).x)
+        out["scales"][str(float(w))] = {
+            "accuracy": float(acc_scorer(img, prompts).mean()),
+            "digits_alignment": float(align(img, prompts).mean()),
+            "digits_realism": float(real(img, prompts).mean()),
+            "fd": fd_scorer.compute(fd_scorer.features(img), feats_ho),
+        }
+    return out
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", required=True, help="workflow YAML with a backbones.digits section")
+    p.add_argument("--out", required=True, help="JSON report to write")
+    p.add_argument("--weights", default=None, help="measure this trained folder instead of training from scratch")
+    p.add_argument("--workdir", default=None, help="train into this folder (kept) instead of a temporary one")
+
+
+def run(args) -> int:
+    report = run_bench(args.config, args.out, weights=args.weights, workdir=args.workdir)
+    keys = ("train_minutes", "teacher_accuracy", "teacher_fd", "real_fd_train_vs_heldout", "euler_nfe5_fd")
+    print(json.dumps({k: report.get(k) for k in keys} | {"checks": report["checks"]}, indent=2))
+    return 0
