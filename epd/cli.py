@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # MLflow 3 otherwise contacts its telemetry server
     parser, handlers = _build_parser()
     # Only the chosen command's module is imported to add its arguments.
     for words, (p, module) in handlers.items():

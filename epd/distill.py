@@ -10,6 +10,7 @@ killed run resumes to the same result as an uninterrupted one.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -21,8 +22,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .errors import ConfigError, EPDError
-from .io import atomic_path, atomic_write_text
+from .errors import ConfigError, EPDError, NonFiniteError
+from .io import atomic_write_bytes, atomic_write_text, config_hash, load_error_text
 from .predictor import EPDTable, save, uniform_table
 from .solvers.epd import sample_epd
 
@@ -121,7 +122,7 @@ def _lr_at(cfg: DistillConfig, it: int) -> float:
 
 def distill(backbone, *, sigmas: torch.Tensor, x_init: torch.Tensor, targets: torch.Tensor, prompts: list[str],
             num_points: int, afs: bool, cfg: DistillConfig, out_dir: str | Path, scale_dir: float = 0.0,
-            scale_time: float = 0.0, meta: dict | None = None, run=None) -> EPDTable:
+            scale_time: float = 0.0, meta: dict | None = None, run=None, seeds: list[int] | None = None) -> EPDTable:
     """Learn a table; writes ``out_dir/table.{safetensors,json}``, ``distill_log.jsonl``, ``checkpoint.pt``.
 
     Args:
@@ -133,6 +134,7 @@ def distill(backbone, *, sigmas: torch.Tensor, x_init: torch.Tensor, targets: to
         num_points (`int`): K.
         afs (`bool`): analytic first step.
         run: optional :class:`epd.tracking.Run` for MLflow curves.
+        seeds (`list[int]`, *optional*): teacher seed of each trajectory (named in NaN/inf errors).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -148,6 +150,7 @@ def distill(backbone, *, sigmas: torch.Tensor, x_init: torch.Tensor, targets: to
     gen = torch.Generator().manual_seed(cfg.seed)
     start, history = 0, []
     ckpt = out_dir / "checkpoint.pt"
+    fingerprint = _fingerprint(cfg, sigmas, x_init, targets, num_points, afs, scale_dir, scale_time)
     if ckpt.exists():
         try:
             state = torch.load(ckpt, weights_only=True)
@@ -155,8 +158,12 @@ def distill(backbone, *, sigmas: torch.Tensor, x_init: torch.Tensor, targets: to
             opt.load_state_dict(state["opt"])
             gen.set_state(state["gen"])
             start, history = int(state["iteration"]), list(state["history"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise EPDError(f"{ckpt}: cannot resume ({e}); delete it to start over") from None
+        except Exception as e:  # noqa: BLE001 - corrupt zip, refused pickle global, wrong keys: all reported alike
+            raise EPDError(f"{ckpt}: cannot resume from this checkpoint ({load_error_text(e)}); it is not a "
+                           "distillation checkpoint written by epd: delete it to start over") from None
+        if state.get("fingerprint", fingerprint) != fingerprint:
+            raise ConfigError(f"{ckpt}: was written for other distillation settings or another teacher set; "
+                              "use another --out or delete the checkpoint to start over")
         log.info("resuming distillation at iteration %d", start)
     den = backbone.denoiser
     for p in getattr(den, "parameters", lambda: [])():
@@ -171,14 +178,20 @@ def distill(backbone, *, sigmas: torch.Tensor, x_init: torch.Tensor, targets: to
         for g in opt.param_groups:
             g["lr"] = _lr_at(cfg, it)
         idx = torch.randperm(n, generator=gen)[: cfg.batch]
+        labels = [f"distill iteration {it + 1}, teacher trajectory {i}"
+                  f"{f' (seed {seeds[i]})' if seeds is not None else ''}, prompt {prompts[i]!r}" for i in idx.tolist()]
         cond = backbone.prepare([prompts[i] for i in idx.tolist()])
         out = sample_epd(den, x_init[idx], sig, cond=cond, table=params, afs=afs, grad=True,
-                         return_trajectory=True, detach_between_steps=cfg.detach_between_steps)
+                         return_trajectory=True, detach_between_steps=cfg.detach_between_steps, context=labels)
         traj = torch.stack(out.trajectory[1:], 1)
         per_step = ((traj - targets[idx]) ** 2).flatten(2).mean(2).mean(0)  # (N-1,)
         w = torch.ones_like(per_step)
         w[-1] = cfg.final_weight
         loss = (w * per_step).sum()
+        if not torch.isfinite(loss):
+            bad = (~torch.isfinite(((traj - targets[idx]) ** 2).flatten(1).sum(1))).nonzero().flatten().tolist()
+            raise NonFiniteError(f"distillation loss is NaN/inf at iteration {it + 1} (per-step losses "
+                                 f"{per_step.tolist()}); first affected: {labels[bad[0]] if bad else 'unknown'}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for p in params.parameters():
@@ -192,15 +205,27 @@ def distill(backbone, *, sigmas: torch.Tensor, x_init: torch.Tensor, targets: to
         if run is not None:
             run.metrics({"loss": rec["loss"], "final_rmse": rec["final_rmse"]}, step=it + 1)
         if (it + 1) % cfg.save_every == 0 or it + 1 == cfg.iterations:
-            with atomic_path(ckpt, suffix=".pt") as tmp:
-                torch.save({"params": params.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                            "iteration": it + 1, "history": history}, tmp)
+            buf = io.BytesIO()  # serialised in memory, so a full disk is reported as such (see atomic_path)
+            torch.save({"params": params.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                        "iteration": it + 1, "history": history, "fingerprint": fingerprint}, buf)
+            atomic_write_bytes(ckpt, buf.getvalue())
     table = params.to_table(provenance={"stage": "distill", "iterations": cfg.iterations, "config": asdict(cfg),
                                         "final_loss": history[-1]["loss"] if history else None,
                                         "seconds": round(time.time() - t0, 2)})
     save(table, out_dir / "table")
     atomic_write_text(out_dir / "distill_log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     return table
+
+
+def _fingerprint(cfg, sigmas, x_init, targets, num_points, afs, scale_dir, scale_time) -> str:
+    """What a checkpoint must agree on to be resumed: settings, grid and the teacher set's initial noise."""
+    import hashlib
+
+    h = hashlib.sha256(x_init.detach().double().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+    d = {k: v for k, v in asdict(cfg).items() if k != "save_every"}
+    return config_hash({**d, "sigmas": [float(v) for v in sigmas.tolist()], "K": num_points, "afs": bool(afs),
+                        "scale_dir": scale_dir, "scale_time": scale_time, "x_init": h,
+                        "targets": list(targets.shape)})
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -238,7 +263,7 @@ def run(args):
                                   "table": str(Path(args.out) / "table.safetensors")}) as r:
         table = distill(bb, sigmas=student, x_init=x_init, targets=states, prompts=manifest["prompts"],
                         num_points=st["K"], afs=st["afs"], cfg=dcfg, out_dir=args.out, scale_dir=st["scale_dir"],
-                        scale_time=st["scale_time"], meta=meta, run=r)
+                        scale_time=st["scale_time"], meta=meta, run=r, seeds=manifest.get("seeds"))
         r.artifact(Path(args.out) / "table.json")
     print(table.summary())
     return 0

@@ -23,11 +23,12 @@ import argparse
 import csv
 import io
 import logging
+import math
 import os
 import time
 from pathlib import Path
 
-from .errors import ConfigError, EPDError
+from .errors import ConfigError, EPDError, NonFiniteError
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,8 @@ def evaluate(images, metrics, prompts_file=None, out_dir=None, weights_dir=None,
             obj.update(fid=r["fid"], reference=r.get("reference") or str(Path(fid_ref).resolve()),
                        protocol=r["protocol"])
         files[f"{name}.json"] = obj
-    summary = {"images_dir": str(images.resolve()), "prompts_file": files[f"{names[0]}.json"]["prompts_file"],
+    summary = {"images_dir": str(images.resolve()),
+               "prompts_file": str(Path(prompts_file).resolve()) if prompts_file else None,
                "label": label, "num_images": len(samples), "metrics": {n: r["stats"] for n, r in results.items()},
                "metadata": {"device": str(device), "batch_size": batch_size, **meta_common}}
     _write_outputs(out, samples, columns, files, summary)
@@ -211,6 +213,9 @@ def _run_metric(name, samples, weights_dir, device, batch_size, fid_ref) -> dict
                 raise EPDError(f"--fid-ref {fid_ref}: contains no images")
             ref = np.concatenate([scorer.features(x) for _, x in _batches(ref_paths, batch_size)])
         value = float(scorer.compute(fa, ref))
+        if not math.isfinite(value):
+            raise NonFiniteError(f"metric {name} is NaN/inf for {len(samples)} images (features finite: "
+                                 f"{bool(np.isfinite(fa).all())})")
         stats = {"count": len(samples), "mean": value, "std": None, "min": value, "max": value, "se": None}
         res = {"stats": stats, "fid": value, "protocol": getattr(scorer, "protocol", name)}
         if fid_ref is None:
@@ -219,6 +224,11 @@ def _run_metric(name, samples, weights_dir, device, batch_size, fid_ref) -> dict
         scores = []
         for i, x in _batches(paths, batch_size):
             scores.extend(float(v) for v in scorer(x, [s.prompt for s in samples[i:i + batch_size]]))
+        bad = [i for i, v in enumerate(scores) if not math.isfinite(v)]
+        if bad:
+            s = samples[bad[0]]
+            raise NonFiniteError(f"metric {name} returned {scores[bad[0]]} for image {s.rel} (seed {s.seed}, prompt "
+                                 f"{s.prompt!r}); {len(bad)} of {len(scores)} scores are NaN/inf")
         st = summarize(scores)
         stats = {"count": st["n"], "mean": st["mean"], "std": st["std"], "min": st["min"], "max": st["max"],
                  "se": st["se"] if st["n"] > 1 else None}
@@ -273,7 +283,20 @@ def _rmse_vs_reference(images: Path, samples, reference: str) -> dict:
     for f in (mine, ref):
         if not f.is_file():
             raise EPDError(f"rmse_vs_teacher: {f} is missing (sample with --save-latents)")
-    a, b = load_file(str(mine)), load_file(str(ref))
+    from safetensors import SafetensorError
+
+    loaded = []
+    for f in (mine, ref):
+        try:
+            t = load_file(str(f))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise EPDError(f"rmse_vs_teacher: {f} is unreadable, truncated or corrupt ({e}); rerun `epd sample "
+                           "--save-latents` for it") from None
+        if {"seeds", "latents"} - t.keys() or len(t["seeds"]) != len(t["latents"]):
+            raise EPDError(f"rmse_vs_teacher: {f} needs tensors 'seeds' (n,) and 'latents' (n, ...), got "
+                           f"{ {k: tuple(v.shape) for k, v in t.items()} }")
+        loaded.append(t)
+    a, b = loaded
     idx_a = {int(s): i for i, s in enumerate(a["seeds"].tolist())}
     idx_b = {int(s): i for i, s in enumerate(b["seeds"].tolist())}
     scores = []

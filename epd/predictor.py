@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError, EPDError
-from .io import atomic_path, atomic_write_json, config_hash
+from .io import atomic_path, atomic_write_json, config_hash, sha256_file
 
 __all__ = ["EPDTable", "META_FIELDS", "uniform_table", "load", "save", "FORMAT_VERSION"]
 
@@ -106,7 +106,7 @@ class EPDTable:
         if p.shape[1] > 1 and not (torch.diff(p, dim=1) > 0).all():
             bad = (torch.diff(p, dim=1) <= 0).any(1).nonzero().flatten().tolist()
             raise ConfigError(f"EPD table: positions must be strictly increasing in every row; rows {bad} are not "
-                              "(sort them with EPDTable.sorted())")
+                              "(sort each row with EPDTable.sort_rows)")
         if (w <= 0).any() or ((w.sum(1) - 1).abs() > SIMPLEX_TOL).any():
             raise ConfigError(f"EPD table: weights must be positive and sum to 1 per row; row sums {w.sum(1).tolist()}")
         for name in ("scale_dir", "scale_time"):
@@ -207,9 +207,11 @@ def save(table: EPDTable, path: str | Path) -> Path:
     st = stem.with_suffix(".safetensors")
     with atomic_path(st, suffix=".safetensors") as tmp:
         save_file({k: v.contiguous() for k, v in table.tensors().items()}, str(tmp))
+        digest = sha256_file(tmp)
     meta = {"format": "epd-table", "format_version": FORMAT_VERSION, "meta": table.meta,
             "provenance": table.provenance}
     meta["config_hash"] = config_hash(table.meta)
+    meta["tensors_sha256"] = digest  # pairs the two files: a save interrupted between them is detected on load
     atomic_write_json(stem.with_suffix(".json"), meta)
     return st
 
@@ -229,11 +231,21 @@ def _load_native(path: Path) -> EPDTable:
         raise EPDError(f"snapshot {st}: unreadable safetensors file ({e})") from None
     try:
         doc = json.loads(js.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EPDError(f"snapshot {js}: metadata is not valid JSON ({e})") from None
-    if doc.get("format") != "epd-table":
-        raise EPDError(f"snapshot {js}: not an epd table (format={doc.get('format')!r})")
-    if int(doc.get("format_version", 0)) > FORMAT_VERSION:
+    fmt = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+    if fmt != "epd-table":
+        raise EPDError(f"snapshot {js}: not an epd table (format={fmt!r})")
+    if doc.get("tensors_sha256") and sha256_file(st) != doc["tensors_sha256"]:
+        raise EPDError(f"snapshot {st}: does not belong to {js.name} (sha256 differs): the two files come from "
+                       "different saves, e.g. a job killed between writing them; rerun that job or restore both files")
+    version = doc.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise EPDError(f"snapshot {js}: format_version must be an integer, got {version!r}")
+    for key in ("meta", "provenance"):
+        if not isinstance(doc.get(key, {}), dict):
+            raise EPDError(f"snapshot {js}: '{key}' must be a JSON object, got {type(doc[key]).__name__}")
+    if version > FORMAT_VERSION:
         raise EPDError(f"snapshot {js}: format_version {doc['format_version']} is newer than this epd "
                        f"({FORMAT_VERSION}); upgrade epd")
     missing = {"positions", "weights"} - tensors.keys()

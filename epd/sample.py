@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from .errors import ConfigError, EPDError
-from .io import atomic_path, atomic_write_json, parse_seeds, read_json
+from .io import atomic_path, atomic_write_json, config_hash, parse_seeds, read_json
 from .predictor import check_compatible, load as load_table
 from .prompts import pair, resolve_prompts
 from .solvers import TABLE_SOLVERS, solve, steps_for_nfe
@@ -63,7 +63,7 @@ def sample_batch(backbone, solver: str, seeds: list[int], prompts: list[str], si
     kw = dict(solver_kw)
     if solver in TABLE_SOLVERS:
         kw["table"] = table
-        kw["context"] = f" (seeds {seeds[0]}..{seeds[-1]}, prompts {prompts[:2]})"
+    kw.setdefault("context", [f"seed {s}, prompt {p!r}" for s, p in zip(seeds, prompts)])
     out = solve(solver, backbone.denoiser, x, sigmas.to(x.dtype), cond=cond, **kw)
     return out.x, backbone.decode(out.x), out
 
@@ -72,12 +72,15 @@ def sample_to_dir(backbone, *, solver: str, seeds: list[int], prompts: list[str]
                   sigmas: torch.Tensor, table=None, batch: int = 64, subdirs: bool = False, grid: bool = False,
                   save_latents: bool = False, label: str | None = None, extra: dict | None = None) -> dict:
     """Sample every seed into ``outdir`` (resuming), write sidecars and a ``summary.json``; returns the summary."""
+    if batch < 1:
+        raise ConfigError(f"--batch: must be >= 1, got {batch}")
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     paired = pair(prompts, seeds)
     label = label or solver
     info = {"solver": label, "base_solver": solver, "num_points": len(sigmas), "sigmas": sigmas.tolist(),
-            "backbone": backbone.name, **(extra or {})}
+            "grid_hash": config_hash([round(float(v), 12) for v in sigmas.tolist()]), "backbone": backbone.name,
+            **({"table_hash": _table_hash(table)} if table is not None else {}), **(extra or {})}
     latents = {}
     t0 = time.time()
     nfe = fwd = paper = None
@@ -87,14 +90,17 @@ def sample_to_dir(backbone, *, solver: str, seeds: list[int], prompts: list[str]
         side = png.with_suffix(".json")
         if png.exists() and side.exists() and not save_latents:
             meta = read_json(side)
-            if meta.get("solver") == label and meta.get("prompt") == p:
-                nfe, fwd, paper = meta["nfe_sequential"], meta["forward_passes"], meta["nfe"]
-                continue
+            _check_same_run(side, meta, {**info, "seed": s, "prompt": p})
+            nfe, fwd, paper = meta["nfe_sequential"], meta["forward_passes"], meta["nfe"]
+            continue
         todo.append((s, p))
     for start in tqdm(range(0, len(todo), batch), desc=f"sample {label}", unit="batch", disable=not todo):
         chunk = todo[start:start + batch]
         s_list, p_list = [c[0] for c in chunk], [c[1] for c in chunk]
         x, imgs, out = sample_batch(backbone, solver, s_list, p_list, sigmas, table)
+        if imgs.dim() != 4 or imgs.shape[1] != 3:
+            raise EPDError(f"backbone {backbone.name}: decodes to shape {tuple(imgs.shape)}, not RGB images "
+                           "(B, 3, H, W); `epd sample` writes images, use `epd teacher` or the library for this one")
         nfe, fwd, paper = out.nfe, out.forward_passes, out.paper_nfe
         for i, (s, p) in enumerate(chunk):
             png = _png_path(outdir, s, subdirs)
@@ -116,6 +122,28 @@ def sample_to_dir(backbone, *, solver: str, seeds: list[int], prompts: list[str]
                "nfe_sequential": nfe, "forward_passes": fwd, "seconds": round(time.time() - t0, 2)}
     atomic_write_json(outdir / "summary.json", summary)
     return summary
+
+
+_RUN_KEYS = ("seed", "prompt", "solver", "base_solver", "num_points", "grid_hash", "table_hash", "backbone")
+
+
+def _table_hash(table) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(table.tensors().items()):
+        h.update(k.encode() + v.detach().double().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _check_same_run(side: Path, meta: dict, want: dict) -> None:
+    """An image kept on resume must come from the same settings; otherwise refuse instead of mixing runs
+    (keys missing from an older sidecar are not compared)."""
+    diff = [k for k in _RUN_KEYS if k in want and k in meta and meta[k] != want[k]]
+    if diff:
+        k = diff[0]
+        raise ConfigError(f"--outdir: {side} was written with other settings ({k}: {meta.get(k)!r}, this run: "
+                          f"{want[k]!r}); a folder holds one run: choose another --outdir or remove this one")
 
 
 def _png_path(outdir: Path, seed: int, subdirs: bool) -> Path:
@@ -203,5 +231,3 @@ def run(args):
           f"-> {args.outdir}")
     return 0
 
-
-_ = EPDError

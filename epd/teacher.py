@@ -85,7 +85,8 @@ def generate(backbone, *, prompts: list[str], seeds: list[int], num_points: int,
         s, p = seeds[start:start + batch], paired[start:start + batch]
         x = backbone.noise(s)
         cond = backbone.prepare(p)
-        out = solve(solver, backbone.denoiser, x, teacher.to(x.dtype), cond=cond, return_trajectory=True)
+        out = solve(solver, backbone.denoiser, x, teacher.to(x.dtype), cond=cond, return_trajectory=True,
+                    context=[f"teacher seed {a}, prompt {b!r}" for a, b in zip(s, p)])
         traj = torch.stack(out.trajectory, 1)[:, :: M + 1][:, 1:]  # student points 1..N-1
         nfe, fwd = out.nfe, out.forward_passes
         from safetensors.torch import save_file
@@ -113,12 +114,28 @@ def load_teacher(path: str | Path, expect_sigmas: torch.Tensor | None = None) ->
             raise ConfigError(f"teacher set {path} was made for another grid: it has {len(have)} points "
                               f"{[round(v, 5) for v in have.tolist()]}, the student needs {len(expect_sigmas)} "
                               f"{[round(v, 5) for v in expect_sigmas.tolist()]}")
+    from safetensors import SafetensorError
+
     xs, ss = [], []
     for name in manifest["shards"]:
         f = path / name
         if not f.exists():
             raise EPDError(f"teacher set {path}: shard {name} is missing (rerun `epd teacher` to complete it)")
-        t = load_file(str(f))
+        try:
+            t = load_file(str(f))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise EPDError(f"teacher shard {f}: unreadable, truncated or corrupt ({e}); delete it and rerun "
+                           "`epd teacher` with the same settings to regenerate it") from None
+        if {"x_init", "states"} - t.keys() or t["states"].shape[:1] != t["x_init"].shape[:1]:
+            raise EPDError(f"teacher shard {f}: expected tensors x_init (B, ...) and states (B, N-1, ...), got "
+                           f"{ {k: tuple(v.shape) for k, v in t.items()} }; delete it and rerun `epd teacher`")
+        for k in ("x_init", "states"):
+            if not torch.isfinite(t[k]).all():
+                row = int((~torch.isfinite(t[k].flatten(1))).any(1).nonzero()[0])
+                i = sum(len(v) for v in xs) + row
+                seed = manifest["seeds"][i] if i < len(manifest.get("seeds", [])) else "?"
+                raise EPDError(f"teacher shard {f}: {k} holds NaN/inf for trajectory {i} (seed {seed}); "
+                               "regenerate the shard (delete it and rerun `epd teacher`)")
         xs.append(t["x_init"])
         ss.append(t["states"])
     return manifest, torch.cat(xs), torch.cat(ss)

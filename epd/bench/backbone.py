@@ -260,9 +260,8 @@ def _measure(weights: Path, guidance: float, train_cfg, bcfg: BenchConfig) -> di
     res["baselines_seconds"] = time.perf_counter() - t
     res["baselines"] = table
     e5 = next((r for r in table if r["solver"] == "euler" and r["nfe"] == 5), None)
-    if e5 is not None:
-        res["euler_nfe5_fd"] = e5["fd"]
-        res["euler_nfe5_fd_over_teacher"] = e5["fd"] / res["teacher_fd"]
+    res["euler_nfe5_fd"] = e5["fd"] if e5 else None
+    res["euler_nfe5_fd_over_teacher"] = e5["fd"] / res["teacher_fd"] if e5 else None
     res["guidance_sweep"] = _guidance_sweep(backbone, bcfg, fd_scorer, acc_scorer, align, real, feats_ho)
     from ..io import sha256_file
 
@@ -274,6 +273,7 @@ def _measure(weights: Path, guidance: float, train_cfg, bcfg: BenchConfig) -> di
         "teacher_accuracy_ge_0.95": res["teacher_accuracy"] >= 0.95,
         "teacher_fd_within_2x_real": res["teacher_fd"] <= 2 * res["real_fd_train_vs_heldout"],
         "euler_nfe5_fd_ge_1.5x_teacher": e5 is not None and e5["fd"] >= 1.5 * res["teacher_fd"],
+        "nearest_train_distance_within_20pct_of_heldout": abs(g["nearest_distance_ratio"] - 1) <= 0.2,
     }
     return res
 

@@ -22,7 +22,7 @@ from .study import distilled_table, ensure_backbone, eval_set, load_study, machi
 
 def bench_rdpo(config: str, workdir: Path, weights: str | None = None, nfe: int = 5, n_eval: int = 1000,
                steps: int | None = None) -> dict:
-    from ..rdpo.cli import setup
+    from ..rdpo.cli import make_guard, setup
     from ..rdpo.trainer import RDPOTrainer
     from ..rewards import get_scorer
 
@@ -37,7 +37,8 @@ def bench_rdpo(config: str, workdir: Path, weights: str | None = None, nfe: int 
     if steps:
         rcfg.steps = steps
     t_rdpo = time.time()
-    trainer = RDPOTrainer(bb, table, sigmas, reward, tp, ep, es, rcfg, workdir / "rdpo")
+    trainer = RDPOTrainer(bb, table, sigmas, reward, tp, ep, es, rcfg, workdir / "rdpo",
+                          guard=make_guard(rcfg, str(wdir)))
     best = trainer.train()
     rdpo_seconds = time.time() - t_rdpo
     from ..predictor import load
@@ -65,6 +66,8 @@ def bench_rdpo(config: str, workdir: Path, weights: str | None = None, nfe: int 
         "benchmark": "rdpo", "backbone": "digits", "config": config, "nfe": nfe,
         "rewards": rcfg.rewards, "advantage": rcfg.advantage, "steps": rcfg.steps,
         "best_step": best["step"], "best_selection_reward": best["reward"],
+        "guard": {"metric": rcfg.guard_metric, "max_ratio": rcfg.guard_max_ratio, "start": trainer.guard_ref,
+                  "best": best.get("guard")},
         "n_eval": n_eval, "eval_seeds": f"{seeds[0]}-{seeds[-1]}",
         "selection_seeds": f"{es[0]}-{es[-1]}",
         "reward_distilled": float(res["distilled"]["reward"].mean()),

@@ -44,6 +44,23 @@ def setup(cfg: dict, backbone_name: str, init: str, weights: str | None, device:
     return bb, table, sigmas, reward, train_prompts, eval_prompts, eval_seeds, rcfg
 
 
+def make_guard(rcfg, weights: str | None, device: str = "cpu"):
+    """The checkpoint-selection guard named by ``rdpo.guard_metric`` (a set metric, lower is better), or None."""
+    if not rcfg.guard_metric:
+        return None
+    from ..rewards import get_scorer, scorer_kind
+
+    if scorer_kind(rcfg.guard_metric) != "set":
+        raise ConfigError(f"rdpo.guard_metric: {rcfg.guard_metric!r} is not a set metric (e.g. digits_fd)")
+    scorer = get_scorer(rcfg.guard_metric, weights_dir=weights, device=device)
+    if rcfg.guard_metric != "digits_fd":
+        raise ConfigError("rdpo.guard_metric: only digits_fd has a built-in reference set; others need fid_ref")
+    from ..evaluate import _digits_heldout
+
+    ref = scorer.features(_digits_heldout(weights))
+    return lambda images: scorer.compute(scorer.features(images), ref)
+
+
 def run(args):
     from .. import tracking
     from ..config import load_config
@@ -71,7 +88,8 @@ def run(args):
     with tracking.start_run("rdpo", backbone=args.backbone, params=asdict(rcfg),
                             tags={"init": args.init, "nfe": 2 * (table.num_steps - 1) - int(bool(table.meta.get("afs"))),
                                   "table_best": str(Path(args.out) / "table_best.safetensors")}) as r:
-        trainer = RDPOTrainer(bb, table, sigmas, reward, tp, ep, es, rcfg, args.out, run=r)
+        trainer = RDPOTrainer(bb, table, sigmas, reward, tp, ep, es, rcfg, args.out, run=r,
+                              guard=make_guard(rcfg, args.weights, args.device))
         best = trainer.train()
         r.metrics({"best_eval_reward": best["reward"], "best_step": best["step"]})
         r.artifact(Path(args.out) / "metrics.jsonl")

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, EPDError
-from ..io import atomic_write_json
+from ..io import atomic_write_json, load_error_text
 from ..legacy import BACKEND_TO_BACKBONE
 from ..predictor import EPDTable, load as load_table, save as save_table
 from .policy import EPDParamPolicy, sanitize_rows
@@ -63,7 +63,7 @@ def load_policy_checkpoint(checkpoint: str | Path | dict) -> tuple[EPDParamPolic
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises several types for corrupt or disallowed content
-            raise EPDError(f"policy checkpoint {path}: unreadable ({type(e).__name__}: {str(e)[:200]})") from None
+            raise EPDError(f"policy checkpoint {path}: unreadable ({load_error_text(e)})") from None
         m = _CKPT_RE.search(path.name)
         step = int(m.group(1)) if m else None
     if isinstance(obj, dict) and isinstance(obj.get("policy"), dict):

@@ -19,6 +19,7 @@ held-out prompt set (disjoint from the final test prompts) with fixed seeds eval
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -30,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import ConfigError, EPDError, NonFiniteError
-from ..io import atomic_path, atomic_write_json
+from ..io import atomic_path, atomic_write_bytes, atomic_write_json, load_error_text
 from ..predictor import EPDTable, save
 from ..solvers.epd import sample_epd
 from .policy import EPDParamPolicy
@@ -73,6 +74,8 @@ class RDPOConfig:
     save_interval: int = 50
     log_interval: int = 1
     eval_interval: int = 50
+    guard_metric: str | None = None
+    guard_max_ratio: float = 1.05
     seed: int = 0
     rewards: dict = field(default_factory=lambda: {"hps": 1.0})
 
@@ -168,11 +171,14 @@ class RDPOTrainer:
         eval_seeds (`list[int]`): fixed seeds for held-out evaluation (paired across checkpoints).
         cfg (:class:`RDPOConfig`), out_dir: run folder (``checkpoints/``, ``metrics.jsonl``, exported tables).
         rank / world (`int`): prompt-stream sharding across processes.
+        guard (`callable`, *optional*): ``guard(images) -> float`` (lower is better, e.g. digits-FD against held-out
+            real data) evaluated on the held-out images; a checkpoint is selected only while its value stays within
+            ``guard_max_ratio`` of the start table's (guards the selection against reward hacking).
     """
 
     def __init__(self, backbone, start_table: EPDTable, sigmas: torch.Tensor, reward, train_prompts: list[str],
                  eval_prompts: list[str], eval_seeds: list[int], cfg: RDPOConfig, out_dir: str | Path,
-                 rank: int = 0, world: int = 1, run=None, batch_eval: int = 256):
+                 rank: int = 0, world: int = 1, run=None, batch_eval: int = 256, guard=None):
         cfg.check()
         if start_table.num_steps != len(sigmas):
             raise ConfigError(f"start table has num_steps={start_table.num_steps}, grid has {len(sigmas)} points")
@@ -182,6 +188,7 @@ class RDPOTrainer:
         self.bb, self.start, self.sigmas, self.reward = backbone, start_table, sigmas, reward
         self.train_prompts, self.eval_prompts, self.eval_seeds = train_prompts, eval_prompts, eval_seeds
         self.cfg, self.out, self.rank, self.world, self.run, self.batch_eval = cfg, Path(out_dir), rank, world, run, batch_eval
+        self.guard, self.guard_ref, self.last_guard = guard, None, None
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "checkpoints").mkdir(exist_ok=True)
         with torch.random.fork_rng(devices=[]):  # initialisation depends on the run seed only
@@ -216,13 +223,20 @@ class RDPOTrainer:
     def rollout(self, prompts: list[str]) -> dict:
         B = len(prompts)
         seeds = torch.randint(0, 2**31 - 1, (B,), generator=self.g_seeds).tolist()
+        labels = [f"RDPO step {self.step + 1}, image {i}, seed {s}, prompt {p!r}"
+                  for i, (s, p) in enumerate(zip(seeds, prompts))]
+        self._check_policy(f"before the rollout of RDPO step {self.step + 1} (images: {labels[0]}, ...)")
         action = self.policy.sample(B, generator=self.g_policy)
+        drawn = [t for t in (action.positions, action.weights, action.scale_dir, action.scale_time) if t is not None]
+        bad = sorted({i for t in drawn for i in (~torch.isfinite(t.flatten(1))).any(1).nonzero().flatten().tolist()})
+        if bad:
+            raise NonFiniteError(f"policy sampled a NaN/inf table for {labels[bad[0]]} ({len(bad)} of {B} images)")
         old_logp = self.policy.log_prob(action).detach()
         x = self.bb.noise(seeds)
         cond = self.bb.prepare(prompts)
         out = sample_epd(self.bb.denoiser, x, self.sigmas.to(x.dtype), cond=cond,
                          table=action.tables(self.start.meta), afs=bool(self.start.meta.get("afs")),
-                         context=f" (RDPO step {self.step + 1}, seeds {seeds[:4]}..., prompts {prompts[:2]})")
+                         context=labels)
         images = self.bb.decode(out.x)
         R, heads = self.reward(images, prompts)
         bad = (~torch.isfinite(R)).nonzero().flatten().tolist()
@@ -231,7 +245,20 @@ class RDPOTrainer:
             raise NonFiniteError(f"reward is NaN/inf at RDPO step {self.step + 1} for image {i} "
                                  f"(prompt {prompts[i]!r}, seed {seeds[i]}); heads: "
                                  f"{ {k: float(v[i]) for k, v in heads.items()} }")
-        return {"action": action, "old_logp": old_logp, "rewards": R, "heads": heads, "seeds": seeds}
+        return {"action": action, "old_logp": old_logp, "rewards": R, "heads": heads, "seeds": seeds,
+                "prompts": prompts}
+
+    def _check_policy(self, when: str) -> None:
+        bad = [n for n, p in self.policy.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise NonFiniteError(f"policy parameters {bad[:4]} hold NaN/inf {when}")
+
+    @staticmethod
+    def _describe(batch: dict, idx) -> str:
+        seeds, prompts = batch.get("seeds"), batch.get("prompts")
+        rows = idx.tolist()[:4]
+        return ", ".join(f"image {i} (seed {seeds[i] if seeds else '?'}, prompt {prompts[i] if prompts else '?'!r})"
+                         for i in rows) + (" ..." if len(idx) > 4 else "")
 
     # ------------------------------------------------------------------ update
     def update(self, batch: dict) -> dict:
@@ -255,11 +282,14 @@ class RDPOTrainer:
                 loss = policy_loss + cfg.kl_coef * kl.mean() - cfg.entropy_coef * ent.mean()
                 if not torch.isfinite(loss):
                     raise NonFiniteError(f"policy loss is NaN/inf at RDPO step {self.step + 1} "
-                                         f"(ratio {ratio.tolist()}, advantages {a.tolist()})")
+                                         f"(ratio {ratio.tolist()}, advantages {a.tolist()}); minibatch: "
+                                         f"{self._describe(batch, idx)}")
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 gn = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
                 self.opt.step()
+                self._check_policy(f"after the PPO update of RDPO step {self.step + 1} (gradient norm {float(gn):.4g};"
+                                   f" minibatch: {self._describe(batch, idx)})")
                 stats["loss"].append(loss.item())
                 stats["policy_loss"].append(policy_loss.item())
                 stats["kl"].append(kl.mean().item())
@@ -276,14 +306,29 @@ class RDPOTrainer:
         from ..prompts import pair
 
         prompts = pair(self.eval_prompts, self.eval_seeds)
-        rs = []
+        rs, imgs = [], []
         for i in range(0, len(self.eval_seeds), self.batch_eval):
             s, p = self.eval_seeds[i:i + self.batch_eval], prompts[i:i + self.batch_eval]
+            labels = [f"held-out evaluation after RDPO step {self.step}, seed {a}, prompt {b!r}" for a, b in zip(s, p)]
             x = self.bb.noise(s)
-            out = sample_epd(self.bb.denoiser, x, self.sigmas.to(x.dtype), cond=self.bb.prepare(p), table=table)
-            rs.append(self.reward(self.bb.decode(out.x), p)[0])
+            out = sample_epd(self.bb.denoiser, x, self.sigmas.to(x.dtype), cond=self.bb.prepare(p), table=table,
+                             context=labels)
+            images = self.bb.decode(out.x)
+            r = self.reward(images, p)[0]
+            bad = (~torch.isfinite(r)).nonzero().flatten().tolist()
+            if bad:
+                raise NonFiniteError(f"reward is NaN/inf in the {labels[bad[0]]}")
+            rs.append(r)
+            if self.guard is not None:
+                imgs.append(images)
         r = torch.cat(rs)
+        self.last_guard = float(self.guard(torch.cat(imgs))) if self.guard is not None else None
         return float(r.mean()), r
+
+    def _guard_ok(self) -> bool:
+        if self.guard is None or self.guard_ref is None or self.last_guard is None:
+            return True
+        return self.last_guard <= self.cfg.guard_max_ratio * self.guard_ref
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> dict:
@@ -294,10 +339,11 @@ class RDPOTrainer:
 
     def save_checkpoint(self) -> None:
         ck = self.out / "checkpoints"
-        with atomic_path(ck / f"policy-step{self.step:06d}.pt", suffix=".pt") as tmp:
-            torch.save(self.policy.state_dict(), tmp)  # the original's layout: state dict only
-        with atomic_path(ck / "trainer-state.pt", suffix=".pt") as tmp:
-            torch.save(self._state(), tmp)
+        for name, obj in ((f"policy-step{self.step:06d}.pt", self.policy.state_dict()),  # the original's layout
+                          ("trainer-state.pt", self._state())):
+            buf = io.BytesIO()  # serialised in memory, so a full disk is reported as such (see atomic_path)
+            torch.save(obj, buf)
+            atomic_write_bytes(ck / name, buf.getvalue())
         self._write_history()
 
     def _write_history(self) -> None:
@@ -311,7 +357,12 @@ class RDPOTrainer:
         try:
             st = torch.load(path, weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
-            raise EPDError(f"{path}: cannot resume ({e}); delete the run folder to start over") from None
+            raise EPDError(f"{path}: cannot resume ({load_error_text(e)}); delete the run folder to start "
+                           "over") from None
+        need = ("policy", "opt", "step", "g_policy", "g_seeds", "g_update", "best", "history_len", "config")
+        if not isinstance(st, dict) or any(k not in st for k in need):
+            raise EPDError(f"{path}: not an RDPO trainer state (expected keys {list(need)}); delete the run folder "
+                           "to start over")
         if json.loads(st["config"]) != json.loads(json.dumps(asdict(self.cfg))):
             raise ConfigError(f"{path}: was written with a different rdpo config; use a new run folder")
         try:
@@ -335,9 +386,13 @@ class RDPOTrainer:
         self.try_resume()
         if self.step == 0:
             r0, _ = self.evaluate(self.start)
-            self.best = {"step": 0, "reward": r0}
-            self._export(self.start, "best", {"step": 0, "eval_reward": r0})
-            self.history.append({"step": 0, "eval_reward": r0})
+            self.best = {"step": 0, "reward": r0, "guard": self.last_guard}
+            self._export(self.start, "best", {"step": 0, "eval_reward": r0, "eval_guard": self.last_guard})
+            self.history.append({"step": 0, "eval_reward": r0, **({"eval_guard": self.last_guard}
+                                                                 if self.last_guard is not None else {})})
+        if self.guard is not None:
+            self.guard_ref = self.best.get("guard") if self.best.get("step") == 0 else next(
+                (h["eval_guard"] for h in self.history if h.get("step") == 0 and "eval_guard" in h), None)
         t0 = time.time()
         bar = tqdm(range(self.step, steps), desc="rdpo", initial=self.step, total=steps, unit="step")
         for _ in bar:
@@ -352,9 +407,12 @@ class RDPOTrainer:
             if self.step % self.cfg.eval_interval == 0 or self.step == steps:
                 mean_table = self.policy.mean_table(meta=self.start.meta)
                 rec["eval_reward"], _ = self.evaluate(mean_table)
-                if rec["eval_reward"] > self.best["reward"]:
-                    self.best = {"step": self.step, "reward": rec["eval_reward"]}
-                    self._export(mean_table, "best", {"step": self.step, "eval_reward": rec["eval_reward"]})
+                if self.last_guard is not None:
+                    rec["eval_guard"] = self.last_guard
+                if rec["eval_reward"] > self.best["reward"] and self._guard_ok():
+                    self.best = {"step": self.step, "reward": rec["eval_reward"], "guard": self.last_guard}
+                    self._export(mean_table, "best", {"step": self.step, "eval_reward": rec["eval_reward"],
+                                                      "eval_guard": self.last_guard})
             self.history.append(rec)
             bar.set_postfix(reward=f"{rec['mixed_reward_mean']:.4g}", kl=f"{rec['kl']:.3g}")
             if self.run is not None and self.step % self.cfg.log_interval == 0:

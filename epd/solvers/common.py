@@ -36,9 +36,13 @@ class SolverOutput:
 
 
 class CountingDenoiser:
-    """Wraps a denoiser to count sequential calls and per-sample forward passes, and to catch NaN/inf."""
+    """Wraps a denoiser to count sequential calls and per-sample forward passes, and to catch NaN/inf.
 
-    def __init__(self, denoiser: Callable, batch: int, context: str = ""):
+    ``context`` is appended to the NaN/inf message: a string, or one label per sample of the batch (e.g. its seed
+    and prompt), in which case the message names the first sample whose output is not finite.
+    """
+
+    def __init__(self, denoiser: Callable, batch: int, context: str | list[str] = ""):
         self.inner = denoiser
         self.batch = batch
         self.calls = 0
@@ -59,8 +63,16 @@ class CountingDenoiser:
             bad = (~torch.isfinite(out.reshape(out.shape[0], -1))).any(1).nonzero().flatten().tolist()
             raise NonFiniteError(
                 f"denoiser returned NaN/inf at step {self.step} (sigma={sigma[bad[0]].item():.6g}) for batch rows "
-                f"{bad[:8]}{' ...' if len(bad) > 8 else ''}{self.context}")
+                f"{bad[:8]}{' ...' if len(bad) > 8 else ''}{self._where(bad)}")
         return out
+
+    def _where(self, bad: list[int]) -> str:
+        if isinstance(self.context, str):
+            return self.context
+        samples = sorted({r % max(self.batch, 1) for r in bad})  # K parallel points are stacked point-major
+        if not samples or samples[-1] >= len(self.context):
+            return ""
+        return f" ({self.context[samples[0]]}{f'; {len(samples)} samples affected' if len(samples) > 1 else ''})"
 
     @property
     def forward_passes(self) -> int:

@@ -32,7 +32,8 @@ def _dpmpp_order(i: int, n_steps: int, order: int, history: int, sigma_next, low
 
 @torch.no_grad()
 def sample_dpmpp_multistep(denoiser, x, sigmas, *, order: int = 2, cond=None, table=None, callback=None,
-                           lower_order_final: bool = True, variant: str = "exact", return_trajectory=False):
+                           lower_order_final: bool = True, variant: str = "exact", return_trajectory=False,
+                           context=""):
     """DPM-Solver++ multistep (Lu et al. 2022), order 2 ("2M", midpoint form) or 3 ("3M").
 
     The third-order update needs ``int_0^h e^{-(h-tau)} tau^2/2 dtau = h^2/2 - h + 1 - e^{-h}`` times ``D''``.
@@ -54,7 +55,7 @@ def sample_dpmpp_multistep(denoiser, x, sigmas, *, order: int = 2, cond=None, ta
     c3 = 2.0 if variant == "exact" else 1.0
     sigmas = check_sigmas(sigmas)
     n = len(sigmas) - 1
-    D = new_counter(denoiser, x, cond)
+    D = new_counter(denoiser, x, cond, context)
     traj = [x] if return_trajectory else []
     ms: list[torch.Tensor] = []
     for i in range(n):
@@ -161,7 +162,8 @@ def _unipc_correct(x_prev, s0, t, m_t, ms, lams, order):
 
 @torch.no_grad()
 def sample_unipc(denoiser, x, sigmas, *, order: int = 2, cond=None, table=None, callback=None,
-                 lower_order_final: bool = True, use_corrector: bool = True, return_trajectory=False):
+                 lower_order_final: bool = True, use_corrector: bool = True, return_trajectory=False,
+                 context=""):
     """UniPC multistep (Zhao et al. 2023), bh2 variant, data prediction, with the UniC corrector.
 
     The corrector reuses the evaluation the next step needs anyway, so NFE equals the number of steps; the
@@ -171,7 +173,7 @@ def sample_unipc(denoiser, x, sigmas, *, order: int = 2, cond=None, table=None, 
         raise ValueError(f"order: UniPC supports orders 1-3, got {order}")
     sigmas = check_sigmas(sigmas)
     n = len(sigmas) - 1
-    D = new_counter(denoiser, x, cond)
+    D = new_counter(denoiser, x, cond, context)
     traj = [x] if return_trajectory else []
     ms, lams = [], []
     x_prev, prev_order = None, None
@@ -231,13 +233,13 @@ def ab_variable_weights(sigmas_hist: list[float], sigma_next: float) -> list[flo
 
 @torch.no_grad()
 def sample_ipndm_v(denoiser, x, sigmas, *, max_order: int = 4, cond=None, table=None, callback=None,
-                   return_trajectory=False):
+                   return_trajectory=False, context=""):
     """iPNDM with variable-step Adams-Bashforth weights (``ipndm_v``): keeps its order on unequal grids such as
     the EDM rho grid, where the fixed-coefficient :func:`sample_ipndm` is only second order."""
     if max_order not in IPNDM_COEFFS:
         raise ValueError(f"max_order: iPNDM supports 1-4, got {max_order}")
     sigmas = check_sigmas(sigmas)
-    D = new_counter(denoiser, x, cond)
+    D = new_counter(denoiser, x, cond, context)
     traj = [x] if return_trajectory else []
     ds: list[torch.Tensor] = []
     for i in range(len(sigmas) - 1):
@@ -258,12 +260,12 @@ def sample_ipndm_v(denoiser, x, sigmas, *, max_order: int = 4, cond=None, table=
 
 @torch.no_grad()
 def sample_ipndm(denoiser, x, sigmas, *, max_order: int = 4, cond=None, table=None, callback=None,
-                 return_trajectory=False):
+                 return_trajectory=False, context=""):
     """Improved PNDM (Zhang & Chen 2023): Adams-Bashforth on the slope, order ramping 1..max_order."""
     if max_order not in IPNDM_COEFFS:
         raise ValueError(f"max_order: iPNDM supports 1-4, got {max_order}")
     sigmas = check_sigmas(sigmas)
-    D = new_counter(denoiser, x, cond)
+    D = new_counter(denoiser, x, cond, context)
     traj = [x] if return_trajectory else []
     ds: list[torch.Tensor] = []
     for i in range(len(sigmas) - 1):

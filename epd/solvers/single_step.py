@@ -15,10 +15,11 @@ def _finish(x, counter, traj):
 
 
 @torch.no_grad()
-def sample_euler(denoiser, x, sigmas, *, cond=None, table=None, callback=None, return_trajectory=False):
+def sample_euler(denoiser, x, sigmas, *, cond=None, table=None, callback=None, return_trajectory=False,
+                 context=""):
     """Euler steps on the noise-level grid; identical to deterministic DDIM and to flow-matching Euler."""
     sigmas = check_sigmas(sigmas)
-    D = new_counter(denoiser, x, cond)
+    D = new_counter(denoiser, x, cond, context)
     traj = [x] if return_trajectory else []
     for i in range(len(sigmas) - 1):
         D.step = i
@@ -31,10 +32,11 @@ def sample_euler(denoiser, x, sigmas, *, cond=None, table=None, callback=None, r
 
 
 @torch.no_grad()
-def sample_heun(denoiser, x, sigmas, *, cond=None, table=None, callback=None, return_trajectory=False):
+def sample_heun(denoiser, x, sigmas, *, cond=None, table=None, callback=None, return_trajectory=False,
+                context=""):
     """Heun's second-order method (Karras et al. 2022, Algorithm 1); an Euler step when ``sigma_next == 0``."""
     sigmas = check_sigmas(sigmas)
-    D = new_counter(denoiser, x, cond)
+    D = new_counter(denoiser, x, cond, context)
     traj = [x] if return_trajectory else []
     for i in range(len(sigmas) - 1):
         D.step = i
@@ -52,13 +54,14 @@ def sample_heun(denoiser, x, sigmas, *, cond=None, table=None, callback=None, re
 
 
 @torch.no_grad()
-def sample_dpm2(denoiser, x, sigmas, *, cond=None, table=None, callback=None, return_trajectory=False):
+def sample_dpm2(denoiser, x, sigmas, *, cond=None, table=None, callback=None, return_trajectory=False,
+                context=""):
     """DPM-Solver-2 (midpoint in log-sigma): probe at ``sqrt(sigma * sigma_next)``, step with the midpoint slope.
 
     An Euler step when ``sigma_next == 0``.
     """
     sigmas = check_sigmas(sigmas)
-    D = new_counter(denoiser, x, cond)
+    D = new_counter(denoiser, x, cond, context)
     traj = [x] if return_trajectory else []
     for i in range(len(sigmas) - 1):
         D.step = i
