@@ -14,13 +14,7 @@ from epd.solvers import SOLVERS, solve, steps_for_nfe
 
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    """These tests compare in float64; restore the default afterwards so other modules are unaffected."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # compare in float64 (tests/conftest.py)
 
 GMM = make_gmm(dim=6, num_classes=3, per_class=2, seed=1)
 DEN = GMMDenoiser(GMM, guidance=2.0)

@@ -14,13 +14,7 @@ from epd.solvers import solve  # noqa: E402
 
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    """These tests compare in float64; restore the default afterwards so other modules are unaffected."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64_default")  # compare in float64 (tests/conftest.py)
 
 
 GMM = make_gmm(dim=8, num_classes=2, per_class=2, seed=3)

@@ -8,7 +8,6 @@ coordinates this is exactly the ``lambda = log(alpha / sigma)`` of Lu et al. and
 
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -232,55 +231,45 @@ def ab_variable_weights(sigmas_hist: list[float], sigma_next: float) -> list[flo
 
 
 @torch.no_grad()
+def _sample_adams_bashforth(denoiser, x, sigmas, max_order, variable_steps, cond, callback, return_trajectory,
+                            context):
+    """Adams-Bashforth on the slope history, order ramping 1..max_order; fixed equal-step coefficients
+    (iPNDM) or weights integrated for the actual unequal steps (``ipndm_v``)."""
+    if max_order not in IPNDM_COEFFS:
+        raise ValueError(f"max_order: iPNDM supports 1-4, got {max_order}")
+    sigmas = check_sigmas(sigmas)
+    D = new_counter(denoiser, x, cond, context)
+    traj = [x] if return_trajectory else []
+    ds: list[torch.Tensor] = []
+    for i in range(len(sigmas) - 1):
+        D.step = i
+        s, t = sig(sigmas, i, x), sig(sigmas, i + 1, x)
+        denoised = D(x, s, cond)
+        ds.append(to_d(x, s, denoised))
+        if variable_steps:
+            o = min(len(ds), max_order)
+            w = ab_variable_weights([float(v) for v in sigmas[i + 1 - o: i + 1]], float(t))
+            slope = sum(c * d for c, d in zip(w, reversed(ds[-o:])))
+        else:
+            slope = ab_combine(ds, max_order)
+        x = x + (t - s) * slope
+        ds = ds[-(max_order - 1):] if max_order > 1 else []
+        if traj:
+            traj.append(x)
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": s, "sigma_next": t, "denoised": denoised})
+    return SolverOutput(x, D.calls, D.forward_passes, D.calls, traj)
+
+
 def sample_ipndm_v(denoiser, x, sigmas, *, max_order: int = 4, cond=None, table=None, callback=None,
                    return_trajectory=False, context=""):
     """iPNDM with variable-step Adams-Bashforth weights (``ipndm_v``): keeps its order on unequal grids such as
     the EDM rho grid, where the fixed-coefficient :func:`sample_ipndm` is only second order."""
-    if max_order not in IPNDM_COEFFS:
-        raise ValueError(f"max_order: iPNDM supports 1-4, got {max_order}")
-    sigmas = check_sigmas(sigmas)
-    D = new_counter(denoiser, x, cond, context)
-    traj = [x] if return_trajectory else []
-    ds: list[torch.Tensor] = []
-    for i in range(len(sigmas) - 1):
-        D.step = i
-        s, t = sig(sigmas, i, x), sig(sigmas, i + 1, x)
-        denoised = D(x, s, cond)
-        ds.append(to_d(x, s, denoised))
-        o = min(len(ds), max_order)
-        w = ab_variable_weights([float(v) for v in sigmas[i + 1 - o: i + 1]], float(t))
-        x = x + (t - s) * sum(c * d for c, d in zip(w, reversed(ds[-o:])))
-        ds = ds[-(max_order - 1):] if max_order > 1 else []
-        if traj:
-            traj.append(x)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": s, "sigma_next": t, "denoised": denoised})
-    return SolverOutput(x, D.calls, D.forward_passes, D.calls, traj)
+    return _sample_adams_bashforth(denoiser, x, sigmas, max_order, True, cond, callback, return_trajectory, context)
 
 
-@torch.no_grad()
 def sample_ipndm(denoiser, x, sigmas, *, max_order: int = 4, cond=None, table=None, callback=None,
                  return_trajectory=False, context=""):
     """Improved PNDM (Zhang & Chen 2023): Adams-Bashforth on the slope, order ramping 1..max_order."""
-    if max_order not in IPNDM_COEFFS:
-        raise ValueError(f"max_order: iPNDM supports 1-4, got {max_order}")
-    sigmas = check_sigmas(sigmas)
-    D = new_counter(denoiser, x, cond, context)
-    traj = [x] if return_trajectory else []
-    ds: list[torch.Tensor] = []
-    for i in range(len(sigmas) - 1):
-        D.step = i
-        s, t = sig(sigmas, i, x), sig(sigmas, i + 1, x)
-        denoised = D(x, s, cond)
-        ds.append(to_d(x, s, denoised))
-        x = x + (t - s) * ab_combine(ds, max_order)
-        ds = ds[-(max_order - 1):] if max_order > 1 else []
-        if traj:
-            traj.append(x)
-        if callback is not None:
-            callback({"i": i, "x": x, "sigma": s, "sigma_next": t, "denoised": denoised})
-    return SolverOutput(x, D.calls, D.forward_passes, D.calls, traj)
-
-
-_ = math
+    return _sample_adams_bashforth(denoiser, x, sigmas, max_order, False, cond, callback, return_trajectory, context)
 
