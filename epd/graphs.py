@@ -167,6 +167,8 @@ class CUDAGraphDenoiser:
     another tensor, or a modified one, is passed.
     """
 
+    defer_finite_check = True  # a per-call isfinite() would synchronise; solve() checks the final state instead
+
     def __init__(self, inner: Callable, *, warmup: int = 2, clone_output: bool = True, enabled: bool | None = None,
                  pool=None):
         self.inner = inner

@@ -25,7 +25,7 @@ from .solvers import TABLE_SOLVERS, solve, steps_for_nfe
 
 log = logging.getLogger(__name__)
 
-__all__ = ["sample_batch", "sample_to_dir", "save_png"]
+__all__ = ["make_denoiser", "sample_batch", "sample_to_dir", "save_png"]
 
 
 def save_png(img: torch.Tensor, path: Path) -> None:
@@ -54,35 +54,72 @@ def resolve_grid(backbone, solver: str, *, nfe: int | None = None, steps: int | 
     return backbone.sigmas(n_points, schedule, **kw)
 
 
+def make_denoiser(backbone, cuda_graphs: str = "auto"):
+    """The denoiser ``epd sample`` runs: the backbone's, replayed as CUDA graphs when asked and possible.
+
+    Args:
+        backbone: a loaded backbone.
+        cuda_graphs (`str`): ``"on"``, ``"off"`` or ``"auto"`` (on when the backbone lives on a CUDA device and
+            does not declare ``graph_safe = False``).
+            A graphed denoiser checks NaN/inf once on the final state instead of after every call (a per-call
+            check would synchronise with the host at each step).
+    """
+    if cuda_graphs not in ("auto", "on", "off"):
+        raise ConfigError(f"--cuda-graphs: expected auto, on or off, got {cuda_graphs!r}")
+    on_cuda = torch.device(getattr(backbone, "device", "cpu")).type == "cuda"
+    if cuda_graphs == "off" or (cuda_graphs == "auto" and not (on_cuda and getattr(backbone, "graph_safe", True))):
+        return backbone.denoiser
+    if not on_cuda:
+        raise ConfigError("--cuda-graphs on: CUDA graphs need --device cuda")
+    from .graphs import CUDAGraphDenoiser
+
+    return CUDAGraphDenoiser(backbone.denoiser)
+
+
 @torch.no_grad()
 def sample_batch(backbone, solver: str, seeds: list[int], prompts: list[str], sigmas: torch.Tensor, table=None,
-                 **solver_kw):
-    """Sample one batch; returns ``(final states, images, SolverOutput)``."""
-    x = backbone.noise(seeds)
+                 *, denoiser=None, **solver_kw):
+    """Sample one batch; returns ``(final states, images, SolverOutput)``.
+
+    Args:
+        denoiser: what to evaluate instead of ``backbone.denoiser`` (e.g. from :func:`make_denoiser`).
+    """
+    x = backbone.noise(seeds, sigma=float(sigmas[0]))  # a grid may start below sigma_max (diffusers' leading)
     cond = backbone.prepare(prompts)
     kw = dict(solver_kw)
     if solver in TABLE_SOLVERS:
         kw["table"] = table
     kw.setdefault("context", [f"seed {s}, prompt {p!r}" for s, p in zip(seeds, prompts)])
-    out = solve(solver, backbone.denoiser, x, sigmas.to(x.dtype), cond=cond, **kw)
+    out = solve(solver, denoiser or backbone.denoiser, x, sigmas.to(x.dtype), cond=cond, **kw)
     return out.x, backbone.decode(out.x), out
 
 
 def sample_to_dir(backbone, *, solver: str, seeds: list[int], prompts: list[str], outdir: str | Path,
                   sigmas: torch.Tensor, table=None, batch: int = 64, subdirs: bool = False, grid: bool = False,
-                  save_latents: bool = False, label: str | None = None, extra: dict | None = None) -> dict:
-    """Sample every seed into ``outdir`` (resuming), write sidecars and a ``summary.json``; returns the summary."""
+                  save_latents: bool = False, label: str | None = None, extra: dict | None = None,
+                  denoiser=None, write: bool = True, barrier=None, started: float | None = None) -> dict:
+    """Sample every seed into ``outdir`` (resuming), write sidecars and a ``summary.json``; returns the summary.
+
+    Args:
+        prompts: one prompt per seed, or a list cycled over the seeds.
+        denoiser: replaces ``backbone.denoiser`` (see :func:`make_denoiser`).
+        write (`bool`): ``False`` computes without writing (the non-zero ranks of point-parallel sampling, which
+            must run the same loop as rank 0).
+        barrier: called once every rank has decided which seeds to skip, before anything is written.
+        started (`float`, *optional*): wall-clock start for ``seconds`` in the summary (default: now).
+    """
     if batch < 1:
         raise ConfigError(f"--batch: must be >= 1, got {batch}")
     outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
+    if write:
+        outdir.mkdir(parents=True, exist_ok=True)
     paired = pair(prompts, seeds)
     label = label or solver
     info = {"solver": label, "base_solver": solver, "num_points": len(sigmas), "sigmas": sigmas.tolist(),
             "grid_hash": config_hash([round(float(v), 12) for v in sigmas.tolist()]), "backbone": backbone.name,
             **({"table_hash": _table_hash(table)} if table is not None else {}), **(extra or {})}
     latents = {}
-    t0 = time.time()
+    t0 = time.time() if started is None else started
     nfe = fwd = paper = None
     todo = []
     for s, p in zip(seeds, paired):
@@ -94,14 +131,18 @@ def sample_to_dir(backbone, *, solver: str, seeds: list[int], prompts: list[str]
             nfe, fwd, paper = meta["nfe_sequential"], meta["forward_passes"], meta["nfe"]
             continue
         todo.append((s, p))
+    if barrier is not None:
+        barrier()
     for start in tqdm(range(0, len(todo), batch), desc=f"sample {label}", unit="batch", disable=not todo):
         chunk = todo[start:start + batch]
         s_list, p_list = [c[0] for c in chunk], [c[1] for c in chunk]
-        x, imgs, out = sample_batch(backbone, solver, s_list, p_list, sigmas, table)
+        x, imgs, out = sample_batch(backbone, solver, s_list, p_list, sigmas, table, denoiser=denoiser)
         if imgs.dim() != 4 or imgs.shape[1] != 3:
             raise EPDError(f"backbone {backbone.name}: decodes to shape {tuple(imgs.shape)}, not RGB images "
                            "(B, 3, H, W); `epd sample` writes images, use `epd teacher` or the library for this one")
         nfe, fwd, paper = out.nfe, out.forward_passes, out.paper_nfe
+        if not write:
+            continue
         for i, (s, p) in enumerate(chunk):
             png = _png_path(outdir, s, subdirs)
             save_png(imgs[i], png)
@@ -110,6 +151,8 @@ def sample_to_dir(backbone, *, solver: str, seeds: list[int], prompts: list[str]
                 "forward_passes": fwd, "image": png.name, **{k: v for k, v in info.items() if k != "sigmas"}})
             if save_latents:
                 latents[s] = x[i].float().cpu()
+    if not write:
+        return {"count": len(todo), "nfe": paper, "nfe_sequential": nfe, "forward_passes": fwd}
     if save_latents and latents:
         from safetensors.torch import save_file
 
@@ -189,11 +232,18 @@ def add_arguments(p):
     p.add_argument("--save-latents", action="store_true", help="also write latents.safetensors (final states)")
     p.add_argument("--weights", default=None, help="trained backbone folder (embedded backbone)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"],
+                   help="replay each denoiser call as a CUDA graph (auto: on for CUDA devices)")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="processes, one per GPU (with --device cpu: gloo ranks on the CPU, for testing)")
+    p.add_argument("--parallel", default="seeds", choices=["seeds", "points"],
+                   help="with --gpus > 1: shard the seeds over the ranks (throughput), or evaluate the K points of "
+                        "every EPD step on different GPUs (latency)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds a rank waits for a dead peer (--gpus > 1)")
 
 
-def run(args):
-    from . import tracking
-    from .backbones import load_backbone
+def _setup(args):
+    """Validate the arguments and resolve what every rank needs: (section, solver, table, prompts, seeds)."""
     from .config import backbone_section, load_config
 
     cfg = load_config(args.config)
@@ -214,20 +264,109 @@ def run(args):
     prompts = [args.prompt] if args.prompt is not None else resolve_prompts(
         args.prompt_file or sec.get("prompts", {}).get("eval", "builtin:digits"))
     seeds = parse_seeds(args.seeds)
-    bb = load_backbone(sec, device=args.device, weights_dir=args.weights)
+    gpus = int(getattr(args, "gpus", 1))
+    if gpus < 1:
+        raise ConfigError(f"--gpus: must be >= 1, got {gpus}")
+    if gpus > 1:
+        if str(args.device).startswith("cuda") and torch.cuda.device_count() < gpus:
+            raise ConfigError(f"--gpus: asked for {gpus} GPUs but {torch.cuda.device_count()} are visible; "
+                              f"use --gpus {max(torch.cuda.device_count(), 1)} or fewer")
+        if args.parallel == "points":
+            if table is None:
+                raise ConfigError("--parallel points: spreads the K points of an EPD step; give --predictor_path, "
+                                  "or use --parallel seeds for a baseline solver")
+            if table.num_points % gpus:
+                raise ConfigError(f"--parallel points: K={table.num_points} points do not split over --gpus {gpus}; "
+                                  f"use a divisor of {table.num_points}, or --parallel seeds")
+        if args.save_latents:
+            raise ConfigError("--save-latents: not supported with --gpus > 1 (run on one GPU)")
+    return sec, solver, table, prompts, seeds
+
+
+def _sample(args, sec, solver, table, prompts, seeds, *, device, rank=0, world=1, started=None) -> dict:
+    """Load the backbone on ``device`` and sample this rank's part (all of it on one rank)."""
+    from .backbones import load_backbone
+
+    bb = load_backbone(sec, device=device, weights_dir=args.weights)
     st = sec.get("student") or {}
     sigmas = resolve_grid(bb, solver, nfe=args.nfe, steps=args.steps, table=table,
                           schedule=args.schedule or st.get("schedule"), afs=bool(st.get("afs", True)))
+    den = make_denoiser(bb, args.cuda_graphs)
+    common = dict(solver=solver, outdir=args.outdir, sigmas=sigmas, table=table, batch=args.batch,
+                  subdirs=args.subdirs, label=args.label or solver, extra={"predictor_path": args.predictor_path})
+    if world == 1:
+        return sample_to_dir(bb, seeds=seeds, prompts=prompts, grid=args.grid, save_latents=args.save_latents,
+                             denoiser=den, **common)
+    import torch.distributed as dist
+
+    paired = pair(prompts, seeds)
+    if args.parallel == "points":  # SPMD: same seeds everywhere, rank r evaluates its share of each step's points
+        from .parallel import PointParallelDenoiser
+
+        return sample_to_dir(bb, seeds=seeds, prompts=paired, grid=args.grid, denoiser=PointParallelDenoiser(den),
+                             write=rank == 0, barrier=dist.barrier, started=started, **common)
+    mine = list(range(rank, len(seeds), world))  # seed sharding: each rank its own seeds, one file per seed
+    sample_to_dir(bb, seeds=[seeds[i] for i in mine], prompts=[paired[i] for i in mine], denoiser=den, **common)
+    dist.barrier()
+    if rank == 0:  # every image is on disk: this pass only checks the sidecars and writes summary (and grid)
+        return sample_to_dir(bb, seeds=seeds, prompts=paired, grid=args.grid, denoiser=den, started=started,
+                             **common)
+    return {}
+
+
+def _rank_main(rank: int, args, world: int, port: int, started: float, queue) -> None:
+    from .parallel import init_point_parallel
+
+    cuda = str(args.device).startswith("cuda")
+    init_point_parallel(world, backend="nccl" if cuda else "gloo", rank=rank, timeout_s=args.timeout,
+                        init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        torch.set_num_threads(max(1, torch.get_num_threads() // world))
+        out = _sample(args, *_setup(args), device=f"cuda:{rank}" if cuda else args.device, rank=rank, world=world,
+                      started=started)
+        if rank == 0:
+            queue.put(out)
+    finally:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def _run_ranks(args, world: int) -> dict:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    try:
+        mp.start_processes(_rank_main, args=(args, world, port, time.time(), queue), nprocs=world, join=True,
+                           start_method="spawn")
+    except mp.ProcessRaisedException as e:
+        raise EPDError(f"--gpus {world}: a rank failed:\n{e}") from None
+    except mp.ProcessExitedException as e:
+        raise EPDError(f"--gpus {world}: a rank died ({e}); the others stopped at the next collective") from None
+    return queue.get()
+
+
+def run(args):
+    from . import tracking
+
+    sec, solver, table, prompts, seeds = _setup(args)
     label = args.label or solver
+    world = int(getattr(args, "gpus", 1))
     tags = {"solver": label, "nfe": args.nfe if args.nfe is not None else "", "predictor": args.predictor_path or ""}
-    with tracking.start_run("sample", backbone=args.backbone, tags=tags,
-                            params={"seeds": args.seeds, "num_points": len(sigmas), "batch": args.batch}) as r:
-        summary = sample_to_dir(bb, solver=solver, seeds=seeds, prompts=prompts, outdir=args.outdir, sigmas=sigmas,
-                                table=table, batch=args.batch, subdirs=args.subdirs, grid=args.grid,
-                                save_latents=args.save_latents, label=label,
-                                extra={"predictor_path": args.predictor_path})
+    params = {"seeds": args.seeds, "batch": args.batch, "gpus": world, "parallel": args.parallel if world > 1 else ""}
+    with tracking.start_run("sample", backbone=args.backbone, tags=tags, params=params) as r:
+        if world == 1:
+            summary = _sample(args, sec, solver, table, prompts, seeds, device=args.device)
+        else:
+            summary = _run_ranks(args, world)
+        r.params({"num_points": summary["num_points"]})
         r.metrics({"nfe": summary["nfe"], "forward_passes": summary["forward_passes"], "seconds": summary["seconds"]})
     print(f"{summary['count']} images ({label}, NFE {summary['nfe']}, {summary['forward_passes']} forward passes) "
           f"-> {args.outdir}")
     return 0
-

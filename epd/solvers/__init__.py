@@ -11,7 +11,7 @@ import functools
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteError
 from .common import SolverOutput, append_zero, check_sigmas
 from .epd import sample_epd, sample_epd_ipndm
 from .multistep import sample_dpmpp_2m, sample_dpmpp_3m, sample_dpmpp_3m_diffusers, sample_ipndm, sample_ipndm_v, sample_unipc
@@ -52,11 +52,26 @@ def solve(name: str, denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, denoise
     baselines, a final ``D(x, sigma_last)`` for EPD) instead of the last grid point."""
     fn = get_solver(name)
     if name in TABLE_SOLVERS:
-        return fn(denoiser, x, sigmas, denoise_to_zero=denoise_to_zero, **kw)
-    kw.pop("table", None)
-    if denoise_to_zero and float(sigmas[-1]) > 0:
-        sigmas = append_zero(torch.as_tensor(sigmas))
-    return fn(denoiser, x, sigmas, **kw)
+        out = fn(denoiser, x, sigmas, denoise_to_zero=denoise_to_zero, **kw)
+    else:
+        kw.pop("table", None)
+        if denoise_to_zero and float(sigmas[-1]) > 0:
+            sigmas = append_zero(torch.as_tensor(sigmas))
+        out = fn(denoiser, x, sigmas, **kw)
+    if getattr(denoiser, "defer_finite_check", False):
+        check_final_finite(out.x, kw.get("context", ""))
+    return out
+
+
+def check_final_finite(x: torch.Tensor, context="") -> None:
+    """One NaN/inf check on a final state (the deferred form of the per-call check; NaN propagates to the end)."""
+    if torch.isfinite(x).all():
+        return
+    bad = (~torch.isfinite(x.reshape(x.shape[0], -1))).any(1).nonzero().flatten().tolist()
+    where = f" ({context[bad[0]]}; {len(bad)} samples affected)" if isinstance(context, list) and bad[0] < len(
+        context) else (f" ({context})" if context else "")
+    raise NonFiniteError(f"the final state is NaN/inf for batch rows {bad[:8]}{' ...' if len(bad) > 8 else ''}"
+                         f"{where}: the denoiser produced a non-finite value during sampling")
 
 
 def solver_paper_nfe(name: str, num_points_grid: int, afs: bool = False) -> int:
