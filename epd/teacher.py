@@ -83,7 +83,7 @@ def generate(backbone, *, prompts: list[str], seeds: list[int], num_points: int,
         if shard.exists():
             continue
         s, p = seeds[start:start + batch], paired[start:start + batch]
-        x = backbone.noise(s)
+        x = backbone.noise(s, sigma=float(teacher[0]))
         cond = backbone.prepare(p)
         out = solve(solver, backbone.denoiser, x, teacher.to(x.dtype), cond=cond, return_trajectory=True,
                     context=[f"teacher seed {a}, prompt {b!r}" for a, b in zip(s, p)])

@@ -109,9 +109,10 @@ class Backbone(Protocol):
     def prepare(self, prompts: list[str]) -> Any:
         """Conditioning for a prompt batch, computed once (text embeddings cached; labels for digits)."""
 
-    def noise(self, seeds: list[int]) -> torch.Tensor:
-        """Initial states at ``sigma_max`` for the given seeds: ``randn`` from ``torch.Generator().manual_seed(seed)``
-        per seed (CPU generator, so the same on every device), scaled to the denoiser's coordinates."""
+    def noise(self, seeds: list[int], sigma: float | None = None) -> torch.Tensor:
+        """Initial states at noise level ``sigma`` (default ``sigma_max``; callers pass the first grid point) for the
+        given seeds: ``randn`` from ``torch.Generator().manual_seed(seed)`` per seed (CPU generator, so the same on
+        every device), scaled to the denoiser's coordinates."""
 
     def sigmas(self, num_points: int, schedule: str | None = None, **kw) -> torch.Tensor:
         """The ``num_points`` grid (decreasing, ending above 0) in the denoiser's coordinates."""

@@ -371,11 +371,13 @@ class DigitsBackbone:
     sigma_min = 0.002
     sigma_max = 80.0
     default_schedule = "edm"
+    graph_safe = False  # each call validates its labels on the host: `epd sample` leaves CUDA graphs off (auto)
 
     def __init__(self, net: EDMPrecond, meta: dict | None = None, guidance: float = 1.0):
         self.meta = meta or {}
         self.denoiser = DigitsDenoiser(net, guidance)
         self.resolution = net.net.resolution
+        self.device = next(net.parameters()).device
 
     @classmethod
     def load(cls, weights_dir: str | Path, guidance: float = 1.0, device: str = "cpu") -> "DigitsBackbone":
@@ -389,13 +391,14 @@ class DigitsBackbone:
 
     def prepare(self, prompts: list[str]) -> torch.Tensor:
         """Labels ``(B,)`` for text prompts (unknown prompts raise :class:`EPDError` listing accepted forms)."""
-        return parse_prompts(prompts)
+        return parse_prompts(prompts).to(self.device)
 
-    def noise(self, seeds: list[int]) -> torch.Tensor:
-        """``randn(1, H, W) * sigma_max`` from ``torch.Generator().manual_seed(seed)`` per seed (CPU)."""
+    def noise(self, seeds: list[int], sigma: float | None = None) -> torch.Tensor:
+        """``randn(1, H, W) * sigma`` (default ``sigma_max``) from ``torch.Generator().manual_seed(seed)`` per seed
+        (CPU)."""
         shape = (1, self.resolution, self.resolution)
-        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]) \
-            * self.sigma_max
+        z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        return z.to(self.device) * (self.sigma_max if sigma is None else float(sigma))
 
     def sigmas(self, num_points: int, schedule: str | None = None, rho: float | None = None, **kw) -> torch.Tensor:
         """The EDM polynomial grid (``schedule="edm"``, ``rho=7``) from ``sigma_max`` to ``sigma_min``; other names

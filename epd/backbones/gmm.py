@@ -134,9 +134,10 @@ class GMMBackbone:
             raise ConfigError(f"prompts: class index out of range 0..{self.gmm.num_classes - 1}: {labels}")
         return torch.tensor(labels)
 
-    def noise(self, seeds: list[int]) -> torch.Tensor:
+    def noise(self, seeds: list[int], sigma: float | None = None) -> torch.Tensor:
         return torch.stack([torch.randn(self.gmm.dim, generator=torch.Generator().manual_seed(int(s)),
-                                        dtype=self.gmm.means.dtype) for s in seeds]) * self.sigma_max
+                                        dtype=self.gmm.means.dtype) for s in seeds]) * (
+            self.sigma_max if sigma is None else float(sigma))
 
     def sigmas(self, num_points: int, schedule: str | None = None, **kw) -> torch.Tensor:
         from ..schedules import get_schedule

@@ -232,7 +232,7 @@ class RDPOTrainer:
         if bad:
             raise NonFiniteError(f"policy sampled a NaN/inf table for {labels[bad[0]]} ({len(bad)} of {B} images)")
         old_logp = self.policy.log_prob(action).detach()
-        x = self.bb.noise(seeds)
+        x = self.bb.noise(seeds, sigma=float(self.sigmas[0]))
         cond = self.bb.prepare(prompts)
         out = sample_epd(self.bb.denoiser, x, self.sigmas.to(x.dtype), cond=cond,
                          table=action.tables(self.start.meta), afs=bool(self.start.meta.get("afs")),
@@ -310,7 +310,7 @@ class RDPOTrainer:
         for i in range(0, len(self.eval_seeds), self.batch_eval):
             s, p = self.eval_seeds[i:i + self.batch_eval], prompts[i:i + self.batch_eval]
             labels = [f"held-out evaluation after RDPO step {self.step}, seed {a}, prompt {b!r}" for a, b in zip(s, p)]
-            x = self.bb.noise(s)
+            x = self.bb.noise(s, sigma=float(self.sigmas[0]))
             out = sample_epd(self.bb.denoiser, x, self.sigmas.to(x.dtype), cond=self.bb.prepare(p), table=table,
                              context=labels)
             images = self.bb.decode(out.x)
