@@ -94,6 +94,7 @@ class DistillConfig:
     cosine: bool = True
     lr_min_factor: float = 0.1
     final_weight: float = 1.0
+    feature_weight: float = 0.0  # final-step loss on the backbone metric's features (0: off)
     detach_between_steps: bool = False
     save_every: int = 50
     seed: int = 0
@@ -110,6 +111,8 @@ class DistillConfig:
         cfg = cls(**d)
         if cfg.iterations < 1 or cfg.batch < 1 or cfg.lr <= 0:
             raise ConfigError("distill: iterations and batch must be >= 1 and lr > 0")
+        if not cfg.feature_weight >= 0:
+            raise ConfigError(f"distill.feature_weight: must be >= 0, got {cfg.feature_weight}")
         return cfg
 
 
@@ -122,7 +125,8 @@ def _lr_at(cfg: DistillConfig, it: int) -> float:
 
 def distill(backbone, *, sigmas: torch.Tensor, x_init: torch.Tensor, targets: torch.Tensor, prompts: list[str],
             num_points: int, afs: bool, cfg: DistillConfig, out_dir: str | Path, scale_dir: float = 0.0,
-            scale_time: float = 0.0, meta: dict | None = None, run=None, seeds: list[int] | None = None) -> EPDTable:
+            scale_time: float = 0.0, meta: dict | None = None, run=None, seeds: list[int] | None = None,
+            feature_fn=None) -> EPDTable:
     """Learn a table; writes ``out_dir/table.{safetensors,json}``, ``distill_log.jsonl``, ``checkpoint.pt``.
 
     Args:
@@ -135,8 +139,13 @@ def distill(backbone, *, sigmas: torch.Tensor, x_init: torch.Tensor, targets: to
         afs (`bool`): analytic first step.
         run: optional :class:`epd.tracking.Run` for MLflow curves.
         seeds (`list[int]`, *optional*): teacher seed of each trajectory (named in NaN/inf errors).
+        feature_fn (*optional*): differentiable map from final states to metric features; with
+            ``cfg.feature_weight > 0`` the loss adds ``feature_weight * mean ||f(x_N) - f(x_N^teacher)||^2 / d``.
     """
     out_dir = Path(out_dir)
+    if cfg.feature_weight > 0 and feature_fn is None:
+        raise ConfigError("distill.feature_weight: this backbone has no differentiable metric feature extractor; "
+                          "set it to 0")
     out_dir.mkdir(parents=True, exist_ok=True)
     N = len(sigmas)
     if targets.shape[1] != N - 1 or targets.shape[0] != x_init.shape[0] or len(prompts) != x_init.shape[0]:
@@ -188,6 +197,12 @@ def distill(backbone, *, sigmas: torch.Tensor, x_init: torch.Tensor, targets: to
         w = torch.ones_like(per_step)
         w[-1] = cfg.final_weight
         loss = (w * per_step).sum()
+        feat = None
+        if cfg.feature_weight > 0:
+            with torch.no_grad():
+                f_tea = feature_fn(targets[idx, -1])
+            feat = ((feature_fn(traj[:, -1]) - f_tea) ** 2).mean()
+            loss = loss + cfg.feature_weight * feat
         if not torch.isfinite(loss):
             bad = (~torch.isfinite(((traj - targets[idx]) ** 2).flatten(1).sum(1))).nonzero().flatten().tolist()
             raise NonFiniteError(f"distillation loss is NaN/inf at iteration {it + 1} (per-step losses "
@@ -199,7 +214,7 @@ def distill(backbone, *, sigmas: torch.Tensor, x_init: torch.Tensor, targets: to
                 torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
         opt.step()
         rec = {"iteration": it + 1, "loss": loss.item(), "final_rmse": per_step[-1].detach().sqrt().item(),
-               "lr": opt.param_groups[0]["lr"]}
+               "lr": opt.param_groups[0]["lr"], **({"feature_loss": feat.item()} if feat is not None else {})}
         history.append(rec)
         bar.set_postfix(loss=f"{rec['loss']:.4g}")
         if run is not None:
@@ -226,6 +241,27 @@ def _fingerprint(cfg, sigmas, x_init, targets, num_points, afs, scale_dir, scale
     return config_hash({**d, "sigmas": [float(v) for v in sigmas.tolist()], "K": num_points, "afs": bool(afs),
                         "scale_dir": scale_dir, "scale_time": scale_time, "x_init": h,
                         "targets": list(targets.shape)})
+
+
+def metric_features(sec: dict, weights_dir, device="cpu"):
+    """The differentiable feature map of the backbone's own metric, for ``distill.feature_weight``: the digits
+    classifier's penultimate features (those of digits-FD) of the decoded final state."""
+    if sec.get("kind") != "digits":
+        raise ConfigError(f"distill.feature_weight: backbone kind {sec.get('kind')!r} has no differentiable metric "
+                          "feature extractor here (only digits); set it to 0")
+    from .backbones.digits import to_base_resolution
+    from .backbones.digits_classifier import load_classifier
+
+    if weights_dir is None:
+        raise ConfigError("distill.feature_weight: needs --weights (the folder holding classifier.safetensors)")
+    clf = load_classifier(weights_dir, device)[0].eval()
+    for p in clf.parameters():
+        p.requires_grad_(False)
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        return clf.features(to_base_resolution(((x.float() + 1) / 2).clamp(0, 1)))
+
+    return features
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -263,7 +299,8 @@ def run(args):
                                   "table": str(Path(args.out) / "table.safetensors")}) as r:
         table = distill(bb, sigmas=student, x_init=x_init, targets=states, prompts=manifest["prompts"],
                         num_points=st["K"], afs=st["afs"], cfg=dcfg, out_dir=args.out, scale_dir=st["scale_dir"],
-                        scale_time=st["scale_time"], meta=meta, run=r, seeds=manifest.get("seeds"))
+                        scale_time=st["scale_time"], meta=meta, run=r, seeds=manifest.get("seeds"),
+                        feature_fn=metric_features(sec, args.weights, args.device) if dcfg.feature_weight > 0 else None)
         r.artifact(Path(args.out) / "table.json")
     print(table.summary())
     return 0

@@ -103,6 +103,35 @@ def test_distill_resume_equals_uninterrupted(teacher_set, tmp_path, monkeypatch)
     assert torch.equal(resumed.scale_dir, full.scale_dir) and torch.equal(resumed.scale_time, full.scale_time)
 
 
+def test_feature_loss_is_the_stated_final_step_term(teacher_set, tmp_path):
+    """With identity features, ``feature_weight * mean ||f(x_N) - f(x_N^T)||^2`` is exactly the final-step L2
+    term: distilling with (final 1, feature w) must equal distilling with (final 1 + w, no feature loss)."""
+    student, _ = teacher_sigmas(BB, 4, 0)
+    man, x, s = load_teacher(teacher_set, student)
+
+    def run(out, feature_fn=None, **kw):
+        cfg = DistillConfig(iterations=20, batch=64, lr=0.05, save_every=10, **kw)
+        return distill(BB, sigmas=student, x_init=x, targets=s, prompts=man["prompts"], num_points=2, afs=True,
+                       cfg=cfg, out_dir=out, scale_dir=0.05, feature_fn=feature_fn)
+
+    a = run(tmp_path / "feat", lambda v: v.flatten(1), feature_weight=3.0)
+    b = run(tmp_path / "final", final_weight=4.0)
+    c = run(tmp_path / "plain")
+    assert torch.allclose(a.positions, b.positions, atol=1e-9) and torch.allclose(a.weights, b.weights, atol=1e-9)
+    assert not torch.allclose(a.positions, c.positions, atol=1e-6)  # the term does change the result
+    with pytest.raises(ConfigError, match="feature_weight"):
+        run(tmp_path / "none", feature_weight=1.0)
+    with pytest.raises(ConfigError, match="feature_weight"):
+        DistillConfig.from_dict({"feature_weight": -1})
+
+
+def test_metric_features_only_for_digits():
+    from epd.distill import metric_features
+
+    with pytest.raises(ConfigError, match="only digits"):
+        metric_features({"kind": "sd15"}, "/nowhere")
+
+
 def test_epd_parameters_roundtrip_table():
     t = uniform_table(5, 3, meta={"afs": False})
     p = EPDParameters(t, scale_dir=0.1)

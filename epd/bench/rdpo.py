@@ -29,7 +29,7 @@ def bench_rdpo(config: str, workdir: Path, weights: str | None = None, nfe: int 
     cfg, sec = load_study(config)
     t0 = time.time()
     bb, wdir, _ = ensure_backbone(config, sec, workdir, weights)
-    table, st = distilled_table(bb, sec, nfe, workdir)
+    table, st = distilled_table(bb, sec, nfe, workdir, wdir)
     from ..predictor import save
 
     save(table, workdir / "distilled")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..config import backbone_section, load_config
-from ..distill import DistillConfig, distill
+from ..distill import DistillConfig, distill, metric_features
 from ..prompts import pair, resolve_prompts
 from ..teacher import generate, load_teacher, student_setup, teacher_sigmas
 
@@ -46,7 +46,7 @@ def ensure_backbone(config_path: str, sec: dict, workdir: Path, weights: str | N
     return load_backbone(sec, weights_dir=str(wdir)), wdir, minutes
 
 
-def distilled_table(bb, sec: dict, nfe: int, workdir: Path):
+def distilled_table(bb, sec: dict, nfe: int, workdir: Path, weights_dir=None):
     """Teacher trajectories + Stage-1 distillation for one NFE (cached in ``workdir``)."""
     from ..io import parse_seeds
     from ..predictor import load
@@ -66,9 +66,11 @@ def distilled_table(bb, sec: dict, nfe: int, workdir: Path):
     meta = {"backbone": sec.get("kind", "digits"), "schedule_type": st["schedule"] or bb.default_schedule,
             "sigma_min": float(student[-1]), "sigma_max": float(student[0]), "coords": bb.coords,
             "guidance_rate": sec.get("guidance"), "sampler_tea": man["solver"], "M": man["M"]}
+    dcfg = DistillConfig.from_dict(sec.get("distill"))
     table = distill(bb, sigmas=student, x_init=x, targets=s, prompts=man["prompts"], num_points=st["K"],
-                    afs=st["afs"], cfg=DistillConfig.from_dict(sec.get("distill")), out_dir=out,
-                    scale_dir=st["scale_dir"], scale_time=st["scale_time"], meta=meta)
+                    afs=st["afs"], cfg=dcfg, out_dir=out,
+                    scale_dir=st["scale_dir"], scale_time=st["scale_time"], meta=meta,
+                    feature_fn=metric_features(sec, weights_dir) if dcfg.feature_weight > 0 else None)
     return table, st
 
 
@@ -86,7 +88,7 @@ def run_solver(bb, solver: str, seeds, prompts, sigmas, table=None, batch: int =
 
     xs, outs = [], None
     for i in range(0, len(seeds), batch):
-        x = bb.noise(seeds[i:i + batch])
+        x = bb.noise(seeds[i:i + batch], sigma=float(sigmas[0]))
         extra = {"table": table} if table is not None else {}
         outs = solve(solver, bb.denoiser, x, sigmas.to(x.dtype), cond=bb.prepare(prompts[i:i + batch]), **extra, **kw)
         xs.append(outs.x)
