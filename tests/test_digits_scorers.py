@@ -9,7 +9,7 @@ import torch
 from epd.backbones.digits import PROMPTS, load_split
 from epd.backbones.digits_classifier import (DigitsClassifierConfig, fd_from_stats, feature_stats, frechet_distance,
                                              save_classifier, sqrtm_psd, train_classifier)
-from epd.backbones.digits_scorers import make_accuracy, make_alignment, make_fd, make_realism
+from epd.backbones.digits_scorers import make_accuracy, make_alignment, make_fd, make_realism, make_typicality
 from epd.errors import EPDError
 
 
@@ -114,6 +114,26 @@ def test_realism_ranks_real_digits_above_noise_and_wrong_class(trained):
     assert (right <= 0).all()
     assert right.mean() > wrong.mean() + 1 and right.mean() > noise.mean() + 1
     assert (right > wrong).float().mean() > 0.9
+
+
+def test_typicality_is_zero_at_the_train_median_and_penalises_prototypes(trained):
+    """``-|log(m / median_train m_y)|`` from an independent computation; a class-mean image (the prototype, what
+    ``digits_realism`` rewards most) and noise both score below the real held-out digits."""
+    d, split, _ = trained
+    real, typ = make_realism(d), make_typicality(d)
+    assert typ.higher_is_better and typ.name == "digits_typicality"
+    labels = [str(int(c)) for c in split.y_train]
+    m = -real(_img(split.x_train), labels)
+    med = torch.stack([m[split.y_train == c].median() for c in range(10)])
+    got = typ(_img(split.x_train), labels)
+    torch.testing.assert_close(got, -(m / med[split.y_train]).log().abs(), rtol=1e-5, atol=1e-6)
+    assert (got <= 0).all() and (got > -1e-6).sum() >= 10  # each class's median image scores 0
+    held = typ(_img(split.x_heldout), [str(int(c)) for c in split.y_heldout]).mean()
+    protos = torch.stack([split.x_train[split.y_train == c].mean(0) for c in range(10)])
+    proto = typ(_img(protos), [str(c) for c in range(10)]).mean()
+    assert real(_img(protos), [str(c) for c in range(10)]).mean() > real(_img(split.x_heldout), [
+        str(int(c)) for c in split.y_heldout]).mean()  # realism prefers the prototype ...
+    assert proto < held - 0.2  # ... typicality does not
 
 
 def test_scores_do_not_depend_on_upsampling(trained):

@@ -8,6 +8,11 @@ All read the independent classifier from ``weights_dir`` (the ``epd backbone tra
   of the image's classifier features ``f`` to the train-split feature Gaussian of the prompted class (pooled,
   shrunk covariance). Real held-out digits average about ``-1``; it has headroom above what the teacher reaches
   (0 is the class prototype). The held-out split is not used, so it stays an unbiased evaluation reference.
+* ``digits_typicality`` (:func:`make_typicality`): ``-|log(m / m_y)|`` with ``m`` the image's Mahalanobis distance
+  (as in ``digits_realism``, positive) and ``m_y`` the median of ``m`` over the train-split digits of the prompted
+  class. Unlike ``digits_realism`` it does not reward collapsing onto the class prototype: few-step samples sit
+  *closer* to their class mean than real digits do (too smooth), and the most realistic distance is the typical
+  one. The RDPO reward of the default study.
 * ``digits_accuracy`` (:func:`make_accuracy`): 1 if the classifier's top class is the prompted digit, else 0.
 * ``digits_fd`` (:func:`make_fd`): a set scorer, ``compute(images_a, images_b)`` -> Fréchet distance of classifier
   features (FD is biased by sample size: compare values at equal counts only).
@@ -24,7 +29,7 @@ from ..errors import EPDError
 from .digits import parse_prompts
 from .digits_classifier import DigitsClassifier, frechet_distance, load_classifier
 
-__all__ = ["make_alignment", "make_realism", "make_accuracy", "make_fd", "DigitsImageScorer", "DigitsFD"]
+__all__ = ["make_alignment", "make_realism", "make_typicality", "make_accuracy", "make_fd", "DigitsImageScorer", "DigitsFD"]
 
 
 def _check_images(images) -> torch.Tensor:
@@ -58,10 +63,11 @@ class DigitsImageScorer:
 
     higher_is_better = True
 
-    def __init__(self, clf: DigitsClassifier, name: str, kind: str):
-        if kind not in ("alignment", "realism", "accuracy"):
+    def __init__(self, clf: DigitsClassifier, name: str, kind: str, split_seed: int = 0):
+        if kind not in ("alignment", "realism", "accuracy", "typicality"):
             raise ValueError(f"kind: {kind!r}")
         self.clf, self.name, self.kind = clf, name, kind
+        self.typical = typical_distances(clf, split_seed) if kind == "typicality" else None
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -75,9 +81,23 @@ class DigitsImageScorer:
             out = logp.gather(1, labels[:, None])[:, 0]
         elif self.kind == "accuracy":
             out = (logp.argmax(-1) == labels).float()
-        else:
+        elif self.kind == "realism":
             out = self.clf.realism(feats, labels)
+        else:
+            m = (-self.clf.realism(feats, labels)).clamp_min(1e-8)
+            out = -(m / self.typical.to(m.device)[labels]).log().abs()
         return out.double().cpu()
+
+
+def typical_distances(clf: DigitsClassifier, split_seed: int = 0) -> torch.Tensor:
+    """Per class, the median Mahalanobis distance (``-realism``) of the train-split digits: ``(10,)``."""
+    from .digits import NUM_CLASSES, load_split
+
+    split = load_split(seed=split_seed)
+    feats, _ = clf.read(((split.x_train + 1) / 2).clamp(0, 1))
+    labels = split.y_train.to(feats.device)
+    m = -clf.realism(feats, labels)
+    return torch.stack([m[labels == c].median() for c in range(NUM_CLASSES)]).detach()
 
 
 class DigitsFD:
@@ -117,6 +137,14 @@ def make_alignment(weights_dir=None, device: str = "cpu", **kw) -> DigitsImageSc
 def make_realism(weights_dir=None, device: str = "cpu", **kw) -> DigitsImageScorer:
     """``digits_realism``: negative Mahalanobis distance to the prompted class's feature Gaussian (per dimension)."""
     return DigitsImageScorer(_load(weights_dir, device), "digits_realism", "realism")
+
+
+def make_typicality(weights_dir=None, device: str = "cpu", **kw) -> DigitsImageScorer:
+    """``digits_typicality``: ``-|log(m / m_y)|``, how typical the image's distance to its class Gaussian is."""
+    if weights_dir is None:
+        _load(weights_dir, device)  # raises the explanatory error
+    clf, meta = load_classifier(Path(weights_dir), device)
+    return DigitsImageScorer(clf, "digits_typicality", "typicality", int((meta.get("data") or {}).get("split_seed", 0)))
 
 
 def make_accuracy(weights_dir=None, device: str = "cpu", **kw) -> DigitsImageScorer:

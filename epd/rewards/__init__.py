@@ -185,6 +185,9 @@ register("digits_alignment", "epd.backbones.digits_scorers:make_alignment",
          "digits backbone: classifier probability of the prompted digit")
 register("digits_realism", "epd.backbones.digits_scorers:make_realism",
          "digits backbone: realism score of the embedded classifier")
+register("digits_typicality", "epd.backbones.digits_scorers:make_typicality",
+         "digits backbone: how typical the image's distance to its class feature Gaussian is (0 = the median of "
+         "real train digits)")
 register("digits_accuracy", "epd.backbones.digits_scorers:make_accuracy",
          "digits backbone: 1 if the classifier predicts the prompted digit")
 register("digits_fd", "epd.backbones.digits_scorers:make_fd",
