@@ -96,6 +96,22 @@ def test_initial_mean_equals_start_table(scales):
     assert float(policy.kl_to_base().detach()) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_untrained_scales_stay_at_the_start_table():
+    """``train_scale_dir/time=False`` on a table with scales: no heads, and every sampled table and the mean keep
+    the start's scales (they used to fall back to 1, which moved digits-FD by 25 % for a 2 % scale change)."""
+    table = _table(scales=True, steps=6, K=3)
+    policy = EPDParamPolicy.from_table(table, 12.0, train_scale_dir=False, train_scale_time=False)
+    assert policy.heads == ()
+    mean = policy.mean_table()
+    for name in ("positions", "weights", "scale_dir", "scale_time"):
+        assert torch.allclose(getattr(mean, name), getattr(table, name).double(), atol=1e-7, rtol=0), name
+    act = policy.sample(4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(act.scale_dir, table.scale_dir.float().expand(4, -1, -1))
+    assert torch.equal(act.scale_time, table.scale_time.float().expand(4, -1, -1))
+    torch.testing.assert_close(policy.log_prob(act), EPDParamPolicy.from_table(
+        EPDTable(table.positions, table.weights), 12.0).log_prob(act), rtol=1e-6, atol=1e-5)
+
+
 # ---------------------------------------------------------------------- architecture
 @needs_fixtures
 def test_state_dict_keys_and_strict_round_trip():

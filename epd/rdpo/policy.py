@@ -319,6 +319,10 @@ class EPDParamPolicy(nn.Module):
         base = cold_start(table, concentration, train_scale_dir=train_scale_dir,
                           train_scale_time=train_scale_time, scale_std=scale_std)
         policy = cls(base, hidden_dim=hidden_dim, num_layers=num_layers, context_dim=context_dim)
+        # a scale the table has but the policy does not train stays at the table's value (not 1): every sampled
+        # table and the exported mean carry it
+        policy.fixed_scales = {n: getattr(table, f"scale_{n}").detach().float().clone() for n in _SCALES
+                               if n not in policy.heads and getattr(table, f"scale_{n}") is not None}
         policy.cold_start_info = {"reordered_rows": list(base.reordered_rows),
                                   "adjusted_rows": list(base.adjusted_rows),
                                   "fallback_rows": list(base.fallback_rows)}
@@ -453,6 +457,10 @@ class EPDParamPolicy(nn.Module):
                 draws = self._draw(d, shape)
         seg = _floor_simplex(draws["seg"])
         w = _floor_simplex(draws["w"])
+        fixed = getattr(self, "fixed_scales", {})
+        for n in _SCALES:
+            if draws.get(n) is None and n in fixed:
+                draws[n] = fixed[n].to(w).expand(w.shape)
         return PolicyAction(seg, torch.cumsum(seg, -1)[..., :-1], w, draws.get("dir"), draws.get("time"))
 
     @staticmethod
@@ -527,6 +535,7 @@ class EPDParamPolicy(nn.Module):
         seg = p["alpha_pos"] / p["alpha_pos"].sum(-1, keepdim=True)
         w = p["alpha_weight"] / p["alpha_weight"].sum(-1, keepdim=True)
         scales = {n: torch.exp(p[f"loc_{n}"] + 0.5 * torch.exp(2 * p[f"log_std_{n}"])) for n in self.heads}
+        scales.update({n: v.double() for n, v in getattr(self, "fixed_scales", {}).items()})
         pos = torch.cumsum(seg, -1)[:, :-1]
         return EPDTable(pos.cpu(), w.cpu(), *(None if scales.get(n) is None else scales[n].cpu() for n in _SCALES),
                         meta=dict(meta or {}), provenance=dict(provenance or {}))
