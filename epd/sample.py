@@ -314,12 +314,12 @@ def _sample(args, sec, solver, table, prompts, seeds, *, device, rank=0, world=1
     return {}
 
 
-def _rank_main(rank: int, args, world: int, port: int, started: float, queue) -> None:
+def _rank_main(rank: int, args, world: int, rendezvous: str, started: float, queue) -> None:
     from .parallel import init_point_parallel
 
     cuda = str(args.device).startswith("cuda")
     init_point_parallel(world, backend="nccl" if cuda else "gloo", rank=rank, timeout_s=args.timeout,
-                        init_method=f"tcp://127.0.0.1:{port}")
+                        init_method=f"file://{rendezvous}")
     try:
         torch.set_num_threads(max(1, torch.get_num_threads() // world))
         out = _sample(args, *_setup(args), device=f"cuda:{rank}" if cuda else args.device, rank=rank, world=world,
@@ -333,22 +333,21 @@ def _rank_main(rank: int, args, world: int, port: int, started: float, queue) ->
 
 
 def _run_ranks(args, world: int) -> dict:
-    import socket
+    import tempfile
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    try:
-        mp.start_processes(_rank_main, args=(args, world, port, time.time(), queue), nprocs=world, join=True,
-                           start_method="spawn")
-    except mp.ProcessRaisedException as e:
-        raise EPDError(f"--gpus {world}: a rank failed:\n{e}") from None
-    except mp.ProcessExitedException as e:
-        raise EPDError(f"--gpus {world}: a rank died ({e}); the others stopped at the next collective") from None
+    # file rendezvous: local ranks only, no port to pick (and no race for one)
+    with tempfile.TemporaryDirectory(prefix="epd-ranks-") as tmp:
+        try:
+            mp.start_processes(_rank_main, args=(args, world, str(Path(tmp) / "rendezvous"), time.time(), queue),
+                               nprocs=world, join=True, start_method="spawn")
+        except mp.ProcessRaisedException as e:
+            raise EPDError(f"--gpus {world}: a rank failed:\n{e}") from None
+        except mp.ProcessExitedException as e:
+            raise EPDError(f"--gpus {world}: a rank died ({e}); the others stopped at the next collective") from None
     return queue.get()
 
 

@@ -11,7 +11,7 @@ from epd.errors import EPDError
 from epd.rewards import get_scorer, list_scorers, register, required_weights, resolve_weights, scorer_kind
 
 EXPECTED = ["hps", "pickscore", "imagereward", "imagereward_rlepd", "clip", "clip100", "aesthetic", "mps",
-            "fid_clean", "digits_alignment", "digits_realism", "digits_accuracy", "digits_fd"]
+            "fid_clean", "digits_alignment", "digits_realism", "digits_typicality", "digits_accuracy", "digits_fd"]
 
 
 def test_names_kinds_and_weights():

@@ -174,7 +174,7 @@ def _rdpo(tmp_path, reward, steps=6):
     bb = _gmm()
     seeds_used = []
     noise = bb.noise
-    bb.noise = lambda seeds: (seeds_used.append(list(seeds)), noise(seeds))[1]
+    bb.noise = lambda seeds, **kw: (seeds_used.append(list(seeds)), noise(seeds, **kw))[1]
     cfg = RDPOConfig(rollout_batch_size=8, rloo_k=4, minibatch_size=4, steps=steps, save_interval=2, eval_interval=2,
                      rewards={"digits_alignment": 1.0}, learning_rate=1e-3)
     table = uniform_table(4, 2, meta={"afs": True})
