@@ -5,8 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DVC_NO_ANALYTICS=1 MPLBACKEND=Agg
 export PATH="$(pwd)/.venv/bin:$PATH"
+marker=$(mktemp)
 snakemake --cores all --configfile configs/smoke.yaml
-test -s reports/README.md && test -s reports/digits/table.md
+for f in results/runs.csv reports/README.md reports/digits/table.md; do  # written by this run, not left over
+  [ -s "$f" ] && [ "$f" -nt "$marker" ] || { echo "smoke workflow: $f was not (re)written by this run"; exit 1; }
+done
+rm -f "$marker"
 out=$(snakemake --cores all --configfile configs/smoke.yaml 2>&1)
 echo "$out" | grep -q "Nothing to be done" || { echo "second run was not a no-op:"; echo "$out"; exit 1; }
 echo "smoke workflow: report written with every configured row; the rerun is a no-op"
