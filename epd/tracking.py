@@ -94,6 +94,22 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 @contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` between processes (POSIX ``flock``; a no-op where unavailable)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def start_run(stage: str, *, backbone: str | None = None, name: str | None = None, tags: dict | None = None,
               params: dict | None = None, tracking_uri: str | None = None) -> Iterator[Run]:
     """Open one MLflow run for a job (experiment ``epd/<stage>``), or a no-op :class:`Run` when tracking is off."""
@@ -103,10 +119,14 @@ def start_run(stage: str, *, backbone: str | None = None, name: str | None = Non
     import mlflow
 
     uri = tracking_uri or os.environ["MLFLOW_TRACKING_URI"]
+    lock = contextlib.nullcontext()
     if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(f"epd/{stage}")
+        db = Path(uri[len("sqlite:///"):])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        lock = _file_lock(db.with_name(db.name + ".lock"))
+    with lock:  # parallel jobs on a fresh database would both run MLflow's schema migrations ("duplicate column")
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(f"epd/{stage}")
     all_tags = {"stage": stage, **environment_tags(), **({"backbone": backbone} if backbone else {}), **(tags or {})}
     with mlflow.start_run(run_name=name or stage, tags={k: str(v) for k, v in all_tags.items()}):
         run = Run(mlflow)
