@@ -6,6 +6,8 @@ rule backbone_train:
         model=f"{RESULTS}/{{b}}/backbone/model.safetensors",
         classifier=f"{RESULTS}/{{b}}/backbone/classifier.safetensors",
     params:
+        config_file=RESOLVED_CONFIG,
+        outdir=lambda wc, output: str(Path(output.model).parent),
         cfg=lambda wc: digest(sec(wc.b).get("train", {})),
     log:
         "logs/backbone/{b}.log",
@@ -14,15 +16,18 @@ rule backbone_train:
     threads: 2
     message:
         "Training the embedded backbone {wildcards.b}"
+    conda:
+        "../../environment.yml"
     shell:
-        "epd backbone train --config {RESOLVED_CONFIG} --backbone {wildcards.b} "
-        "--out {RESULTS}/{wildcards.b}/backbone > {log} 2>&1"
+        "epd backbone train --config {params.config_file} --backbone {wildcards.b} "
+        "--out {params.outdir} > {log} 2>&1"
 
 
 rule backbone_check:
     output:
         f"{RESULTS}/{{b}}/backbone/weights.json",
     params:
+        config_file=RESOLVED_CONFIG,
         cfg=lambda wc: digest({k: sec(wc.b).get(k) for k in ("kind", "model_path", "resolution")}),
     log:
         "logs/backbone/{b}.check.log",
@@ -30,8 +35,10 @@ rule backbone_check:
         "benchmarks/snakemake/backbone/{b}.check.tsv"
     message:
         "Resolving local weights of {wildcards.b}"
+    conda:
+        "../../environment.yml"
     shell:
-        "epd backbone check --config {RESOLVED_CONFIG} --backbone {wildcards.b} --out {output} > {log} 2>&1"
+        "epd backbone check --config {params.config_file} --backbone {wildcards.b} --out {output} > {log} 2>&1"
 
 
 ruleorder: backbone_train > backbone_check

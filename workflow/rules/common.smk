@@ -80,8 +80,16 @@ def needs_reference(b):
 
 
 def all_targets():
+    """The report, and every intermediate a user may delete to have exactly it (and what reads it) regenerated:
+    Snakemake does not rebuild a missing intermediate whose consumers are up to date unless it is a target."""
     out = ["reports/README.md"]
     out += [f"reports/{b}/table.md" for b in BACKBONES]
+    for b in BACKBONES:
+        pairs = sample_targets(b)
+        out += [f"{RESULTS}/{b}/samples/{s}/nfe{n}/summary.json" for s, n in pairs]
+        out += [f"{RESULTS}/{b}/eval/{s}/nfe{n}/summary.json" for s, n in pairs]
+        out += [t for s, n in pairs for t in [distilled_table(b, n) if s == "epd_distilled" else
+                                                    rdpo_table(b, n) if s == "epd_rdpo" else None] if t is not None]
     return out
 
 

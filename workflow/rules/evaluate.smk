@@ -7,6 +7,8 @@ rule evaluate:
     output:
         f"{RESULTS}/{{b}}/eval/{{solver}}/nfe{{nfe}}/summary.json",
     params:
+        images=lambda wc, input: str(Path(input.samples).parent),
+        outdir=lambda wc, output: str(Path(output[0]).parent),
         metrics=lambda wc: ",".join(sec(wc.b)["metrics"]),
         weights=lambda wc: f"--weights-dir {backbone_dir(wc.b)}" if sec(wc.b)["kind"] == "digits" else "",
         reference=lambda wc: (f"--reference-latents {RESULTS}/{wc.b}/samples/reference/latents.safetensors"
@@ -20,7 +22,9 @@ rule evaluate:
         gpu=lambda wc: 0 if config["run"]["device"] == "cpu" else 1,
     message:
         "Evaluating {wildcards.b} {wildcards.solver} NFE {wildcards.nfe}"
+    conda:
+        "../../environment.yml"
     shell:
-        "epd evaluate --images {RESULTS}/{wildcards.b}/samples/{wildcards.solver}/nfe{wildcards.nfe} "
+        "epd evaluate --images {params.images} "
         "--metrics {params.metrics} {params.weights} {params.reference} --device {params.device} "
-        "--backbone {wildcards.b} --out-dir {RESULTS}/{wildcards.b}/eval/{wildcards.solver}/nfe{wildcards.nfe} > {log} 2>&1"
+        "--backbone {wildcards.b} --out-dir {params.outdir} > {log} 2>&1"

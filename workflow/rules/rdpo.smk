@@ -8,6 +8,8 @@ rule rdpo:
     output:
         f"{RESULTS}/{{b}}/rdpo/nfe{{nfe}}/table_best.safetensors",
     params:
+        config_file=RESOLVED_CONFIG,
+        outdir=lambda wc, output: str(Path(output[0]).parent),
         cfg=lambda wc: digest([sec(wc.b).get(k) for k in ("rdpo", "prompts")]),
         weights=lambda wc: weights_flag(wc.b),
         device=config["run"]["device"],
@@ -20,6 +22,8 @@ rule rdpo:
         gpu=lambda wc: 0 if config["run"]["device"] == "cpu" else 1,
     message:
         "RDPO for {wildcards.b} at NFE {wildcards.nfe}"
+    conda:
+        "../../environment.yml"
     shell:
-        "epd rdpo --config {RESOLVED_CONFIG} --backbone {wildcards.b} --init {input.table} "
-        "--out {RESULTS}/{wildcards.b}/rdpo/nfe{wildcards.nfe} {params.weights} --device {params.device} > {log} 2>&1"
+        "epd rdpo --config {params.config_file} --backbone {wildcards.b} --init {input.table} "
+        "--out {params.outdir} {params.weights} --device {params.device} > {log} 2>&1"

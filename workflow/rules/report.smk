@@ -14,6 +14,8 @@ rule export_runs:
         "benchmarks/snakemake/report/export.tsv"
     message:
         "Exporting MLflow runs"
+    conda:
+        "../../environment.yml"
     shell:
         "epd report --export-only --runs-csv {output.runs} > {log} 2>&1"
 
@@ -25,6 +27,8 @@ rule expected_rows:
         rows=lambda wc: digest(expected_rows()),
     log:
         "logs/report/expected_rows.log",
+    conda:
+        "../../environment.yml"
     run:
         Path(output[0]).write_text(json.dumps(expected_rows(), indent=1))
 
@@ -45,6 +49,8 @@ rule report:
         "benchmarks/snakemake/report/build.tsv"
     message:
         "Building tables and plots"
+    conda:
+        "../../environment.yml"
     shell:
         "epd report --build-only --runs-csv {input.runs} --out reports --backbones {params.backbones} "
         "{params.external} --expect-rows {input.expected} > {log} 2>&1"

@@ -7,6 +7,8 @@ rule sample:
     output:
         f"{RESULTS}/{{b}}/samples/{{solver}}/nfe{{nfe}}/summary.json",
     params:
+        config_file=RESOLVED_CONFIG,
+        outdir=lambda wc, output: str(Path(output[0]).parent),
         cfg=lambda wc: digest([sec(wc.b).get(k) for k in ("sample", "guidance", "student", "prompts")]),
         args=sample_args,
         weights=lambda wc: weights_flag(wc.b),
@@ -22,10 +24,12 @@ rule sample:
         gpu=lambda wc: 0 if config["run"]["device"] == "cpu" else 1,
     message:
         "Sampling {wildcards.b} with {wildcards.solver} at NFE {wildcards.nfe}"
+    conda:
+        "../../environment.yml"
     shell:
-        "epd sample --config {RESOLVED_CONFIG} --backbone {wildcards.b} {params.args} --label {wildcards.solver} "
+        "epd sample --config {params.config_file} --backbone {wildcards.b} {params.args} --label {wildcards.solver} "
         "--seeds {params.seeds} --batch {params.batch} {params.latents} {params.weights} --device {params.device} "
-        "--outdir {RESULTS}/{wildcards.b}/samples/{wildcards.solver}/nfe{wildcards.nfe} > {log} 2>&1"
+        "--outdir {params.outdir} > {log} 2>&1"
 
 
 rule sample_reference:
@@ -34,6 +38,8 @@ rule sample_reference:
     output:
         f"{RESULTS}/{{b}}/samples/reference/summary.json",
     params:
+        config_file=RESOLVED_CONFIG,
+        outdir=lambda wc, output: str(Path(output[0]).parent),
         cfg=lambda wc: digest([sec(wc.b).get(k) for k in ("sample", "guidance", "prompts")]),
         weights=lambda wc: weights_flag(wc.b),
         solver=lambda wc: sec(wc.b)["sample"].get("reference_solver", "heun"),
@@ -47,10 +53,12 @@ rule sample_reference:
         "benchmarks/snakemake/sample/{b}_reference.tsv"
     message:
         "High-NFE reference solve for {wildcards.b}"
+    conda:
+        "../../environment.yml"
     shell:
-        "epd sample --config {RESOLVED_CONFIG} --backbone {wildcards.b} --solver {params.solver} --steps {params.steps} "
+        "epd sample --config {params.config_file} --backbone {wildcards.b} --solver {params.solver} --steps {params.steps} "
         "--label reference --seeds {params.seeds} --batch {params.batch} --save-latents {params.weights} "
-        "--device {params.device} --outdir {RESULTS}/{wildcards.b}/samples/reference > {log} 2>&1"
+        "--device {params.device} --outdir {params.outdir} > {log} 2>&1"
 
 
 ruleorder: sample_reference > sample

@@ -7,6 +7,8 @@ rule teacher:
     output:
         f"{RESULTS}/{{b}}/teacher/nfe{{nfe}}/manifest.json",
     params:
+        config_file=RESOLVED_CONFIG,
+        outdir=lambda wc, output: str(Path(output[0]).parent),
         cfg=lambda wc: digest([sec(wc.b).get(k) for k in ("teacher", "student", "guidance", "prompts")]),
         weights=lambda wc: weights_flag(wc.b),
         device=config["run"]["device"],
@@ -18,6 +20,8 @@ rule teacher:
         gpu=lambda wc: 0 if config["run"]["device"] == "cpu" else 1,
     message:
         "Teacher trajectories for {wildcards.b} at NFE {wildcards.nfe}"
+    conda:
+        "../../environment.yml"
     shell:
-        "epd teacher --config {RESOLVED_CONFIG} --backbone {wildcards.b} --nfe {wildcards.nfe} "
-        "--out {RESULTS}/{wildcards.b}/teacher/nfe{wildcards.nfe} {params.weights} --device {params.device} > {log} 2>&1"
+        "epd teacher --config {params.config_file} --backbone {wildcards.b} --nfe {wildcards.nfe} "
+        "--out {params.outdir} {params.weights} --device {params.device} > {log} 2>&1"
