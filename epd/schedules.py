@@ -11,6 +11,7 @@ unless the name says so), in the coordinates of the backbone they are meant for.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -71,17 +72,26 @@ class VPTable:
     ``i = 1..T``; ``sigma(t) = sqrt(1 - alpha^2) / alpha``. The network's timestep input is ``T t - 1``.
     """
 
-    def __init__(self, alphas_cumprod: torch.Tensor):
-        ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+    def __init__(self, alphas_cumprod: torch.Tensor, device=None):
+        ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64, device=device)
         self.T = len(ac)
-        self.t_grid = torch.arange(1, self.T + 1, dtype=torch.float64) / self.T
+        self.t_grid = torch.arange(1, self.T + 1, dtype=torch.float64, device=ac.device) / self.T
         self.log_alpha = 0.5 * torch.log(ac)
+        # log alpha decreases along t: the inverse lookup reads it flipped (increasing), so neither direction
+        # needs a data-dependent branch (a host sync on a GPU, and no CUDA-graph capture)
+        self._la_up, self._t_by_la = self.log_alpha.flip(0), self.t_grid.flip(0)
+
+    def to(self, device) -> "VPTable":
+        """The same table with its tensors on ``device`` (lookups then stay there)."""
+        out = copy.copy(self)
+        for name in ("t_grid", "log_alpha", "_la_up", "_t_by_la"):
+            setattr(out, name, getattr(self, name).to(device))
+        return out
 
     @staticmethod
     def _interp(x, xp, fp):
-        x = torch.as_tensor(x, dtype=torch.float64)
-        if xp[0] > xp[-1]:
-            xp, fp = xp.flip(0), fp.flip(0)
+        """Piecewise-linear interpolation on increasing ``xp`` (linear extrapolation at the ends)."""
+        x = torch.as_tensor(x, dtype=torch.float64, device=xp.device)
         idx = torch.clamp(torch.searchsorted(xp, x) - 1, 0, len(xp) - 2)
         x0, x1, y0, y1 = xp[idx], xp[idx + 1], fp[idx], fp[idx + 1]
         return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
@@ -91,8 +101,8 @@ class VPTable:
         return torch.sqrt(torch.expm1(-2 * la))
 
     def sigma_inv(self, sigma) -> torch.Tensor:
-        la = -0.5 * torch.log1p(torch.as_tensor(sigma, dtype=torch.float64) ** 2)
-        return self._interp(la, self.log_alpha, self.t_grid)
+        la = -0.5 * torch.log1p(torch.as_tensor(sigma, dtype=torch.float64, device=self.t_grid.device) ** 2)
+        return self._interp(la, self._la_up, self._t_by_la)
 
     @property
     def sigma_min(self) -> float:

@@ -67,14 +67,6 @@ def alphas_cumprod_from_config(scheduler_config: dict) -> torch.Tensor:
     return DDPMScheduler(**{k: cfg[k] for k in keep if k in cfg}).alphas_cumprod.to(torch.float64)
 
 
-def _interp_increasing(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
-    """Piecewise-linear interpolation on increasing ``xp`` (linear extrapolation at the ends), all on x's device:
-    :meth:`VPTable._interp` without its host-side direction check."""
-    idx = torch.clamp(torch.searchsorted(xp, x) - 1, 0, len(xp) - 2)
-    x0, x1, y0, y1 = xp[idx], xp[idx + 1], fp[idx], fp[idx + 1]
-    return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
-
-
 class SD15Denoiser:
     """EDM-coordinate denoiser around an SD1.5 UNet with CFG inside (see module docstring).
 
@@ -100,10 +92,7 @@ class SD15Denoiser:
         self.timestep_mode = timestep_mode
         self.device = torch.device(device)
         # device copies: the timestep lookup must not round-trip through the host (a sync, and no CUDA graphs)
-        # (log alpha decreases along t: stored flipped, increasing, so the lookup needs no data-dependent branch)
-        self._tables = {"log_sigmas": self.log_sigmas.to(self.device),
-                        "log_alpha": self.vp.log_alpha.flip(0).to(self.device),
-                        "t_grid": self.vp.t_grid.flip(0).to(self.device)}
+        self._vp_dev, self._log_sigmas_dev = self.vp.to(self.device), self.log_sigmas.to(self.device)
         self.sigma_min = float(self.log_sigmas[0].exp())
         self.sigma_max = float(self.log_sigmas[-1].exp())
 
@@ -118,14 +107,13 @@ class SD15Denoiser:
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """UNet time input (float64) for EDM noise levels ``sigma``."""
         sigma = torch.as_tensor(sigma, dtype=torch.float64, device=self.device)
-        tab = self._tables
         if self.timestep_mode == "log_sigma":
-            ls = tab["log_sigmas"]
+            ls = self._log_sigmas_dev
             x = torch.log(sigma.clamp_min(1e-10))
             hi = torch.searchsorted(ls, x).clamp(1, len(ls) - 1)
             w = ((x - ls[hi - 1]) / (ls[hi] - ls[hi - 1])).clamp(0, 1)
             return hi - 1 + w
-        tau = self.vp.T * _interp_increasing(-0.5 * torch.log1p(sigma ** 2), tab["log_alpha"], tab["t_grid"]) - 1
+        tau = self.vp.T * self._vp_dev.sigma_inv(sigma) - 1
         if self.timestep_mode == "discrete":
             tau = tau.round().clamp(0, self.vp.T - 1)
         return tau
