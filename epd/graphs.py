@@ -25,8 +25,8 @@ from typing import Any, Callable
 import torch
 
 from .backbones.base import Prepared, repeat_cond
-from .errors import ConfigError, NonFiniteError
-from .solvers.common import SolverOutput, check_sigmas, to_d
+from .errors import ConfigError
+from .solvers.common import SolverOutput, check_final_finite, check_sigmas, to_d
 from .solvers.epd import epd_points
 
 __all__ = ["StaticGraph", "CUDAGraphDenoiser", "GraphedEPDSampler", "GraphedEulerSampler", "graphs_usable"]
@@ -288,8 +288,8 @@ class _GraphedSampler:
     def result(self) -> torch.Tensor:
         """The current state; raises :class:`~epd.errors.NonFiniteError` on NaN/inf (one host sync)."""
         x = self._state["x"]
-        if self.check_finite and not torch.isfinite(x).all():
-            raise NonFiniteError("sampler: the final state holds NaN/inf (checked once, after the last step)")
+        if self.check_finite:
+            check_final_finite(x)
         return x
 
     def run(self, x: torch.Tensor, sigmas: torch.Tensor, cond=None) -> SolverOutput:

@@ -11,8 +11,8 @@ import functools
 
 import torch
 
-from ..errors import ConfigError, NonFiniteError
-from .common import SolverOutput, append_zero, check_sigmas
+from ..errors import ConfigError
+from .common import SolverOutput, append_zero, check_final_finite, check_sigmas
 from .epd import sample_epd, sample_epd_ipndm
 from .multistep import sample_dpmpp_2m, sample_dpmpp_3m, sample_dpmpp_3m_diffusers, sample_ipndm, sample_ipndm_v, sample_unipc
 from .single_step import sample_dpm2, sample_euler, sample_heun
@@ -61,17 +61,6 @@ def solve(name: str, denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, denoise
     if getattr(denoiser, "defer_finite_check", False):
         check_final_finite(out.x, kw.get("context", ""))
     return out
-
-
-def check_final_finite(x: torch.Tensor, context="") -> None:
-    """One NaN/inf check on a final state (the deferred form of the per-call check; NaN propagates to the end)."""
-    if torch.isfinite(x).all():
-        return
-    bad = (~torch.isfinite(x.reshape(x.shape[0], -1))).any(1).nonzero().flatten().tolist()
-    where = f" ({context[bad[0]]}; {len(bad)} samples affected)" if isinstance(context, list) and bad[0] < len(
-        context) else (f" ({context})" if context else "")
-    raise NonFiniteError(f"the final state is NaN/inf for batch rows {bad[:8]}{' ...' if len(bad) > 8 else ''}"
-                         f"{where}: the denoiser produced a non-finite value during sampling")
 
 
 def solver_paper_nfe(name: str, num_points_grid: int, afs: bool = False) -> int:

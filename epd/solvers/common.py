@@ -11,7 +11,7 @@ import torch
 from ..backbones.base import batch_of
 from ..errors import ConfigError, NonFiniteError
 
-__all__ = ["SolverOutput", "CountingDenoiser", "check_sigmas", "to_d", "append_zero"]
+__all__ = ["SolverOutput", "CountingDenoiser", "check_sigmas", "check_final_finite", "to_d", "append_zero"]
 
 
 @dataclass
@@ -61,24 +61,46 @@ class CountingDenoiser:
         if sigma.dim() == 0:
             sigma = sigma.expand(x.shape[0])
         out = self.inner(x, sigma, cond)
-        if self.check_each and not torch.isfinite(out).all():
-            bad = (~torch.isfinite(out.reshape(out.shape[0], -1))).any(1).nonzero().flatten().tolist()
+        if self.check_each and (bad := nonfinite_rows(out)):
             raise NonFiniteError(
                 f"denoiser returned NaN/inf at step {self.step} (sigma={sigma[bad[0]].item():.6g}) for batch rows "
-                f"{bad[:8]}{' ...' if len(bad) > 8 else ''}{self._where(bad)}")
+                f"{_rows(bad)}{describe_rows(bad, self.context, self.batch)}")
         return out
-
-    def _where(self, bad: list[int]) -> str:
-        if isinstance(self.context, str):
-            return self.context
-        samples = sorted({r % max(self.batch, 1) for r in bad})  # K parallel points are stacked point-major
-        if not samples or samples[-1] >= len(self.context):
-            return ""
-        return f" ({self.context[samples[0]]}{f'; {len(samples)} samples affected' if len(samples) > 1 else ''})"
 
     @property
     def forward_passes(self) -> int:
         return self.points * self.passes_per_eval
+
+
+def nonfinite_rows(t: torch.Tensor) -> list[int]:
+    """Indices of the batch rows of ``t`` holding NaN/inf (empty when all is finite: one host sync)."""
+    if torch.isfinite(t).all():
+        return []
+    return (~torch.isfinite(t.reshape(t.shape[0], -1))).any(1).nonzero().flatten().tolist()
+
+
+def describe_rows(bad: list[int], context: str | list[str], batch: int) -> str:
+    """``context`` for a NaN/inf message: the string itself, or the label of the first affected sample (rows of K
+    parallel points are stacked point-major, so row ``r`` is sample ``r % batch``)."""
+    if isinstance(context, str):
+        return context
+    samples = sorted({r % max(batch, 1) for r in bad})
+    if not samples or samples[-1] >= len(context):
+        return ""
+    return f" ({context[samples[0]]}{f'; {len(samples)} samples affected' if len(samples) > 1 else ''})"
+
+
+def check_final_finite(x: torch.Tensor, context: str | list[str] = "") -> None:
+    """One NaN/inf check on a final state: the deferred form of :class:`CountingDenoiser`'s per-call check for
+    denoisers that must not synchronise every call (NaN propagates to the end)."""
+    if bad := nonfinite_rows(x):
+        raise NonFiniteError(f"the final state is NaN/inf for batch rows {_rows(bad)}"
+                             f"{describe_rows(bad, context, x.shape[0])}: the denoiser produced a non-finite value "
+                             "during sampling")
+
+
+def _rows(bad: list[int]) -> str:
+    return f"{bad[:8]}{' ...' if len(bad) > 8 else ''}"
 
 
 def check_sigmas(sigmas: torch.Tensor, *, allow_final_zero: bool = True, name: str = "sigmas") -> torch.Tensor:
