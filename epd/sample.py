@@ -314,7 +314,7 @@ def _sample(args, sec, solver, table, prompts, seeds, *, device, rank=0, world=1
     return {}
 
 
-def _rank_main(rank: int, args, world: int, rendezvous: str, started: float, queue) -> None:
+def _rank_main(rank: int, args, setup: tuple, world: int, rendezvous: str, started: float, queue) -> None:
     from .parallel import init_point_parallel
 
     cuda = str(args.device).startswith("cuda")
@@ -322,7 +322,7 @@ def _rank_main(rank: int, args, world: int, rendezvous: str, started: float, que
                         init_method=f"file://{rendezvous}")
     try:
         torch.set_num_threads(max(1, torch.get_num_threads() // world))
-        out = _sample(args, *_setup(args), device=f"cuda:{rank}" if cuda else args.device, rank=rank, world=world,
+        out = _sample(args, *setup, device=f"cuda:{rank}" if cuda else args.device, rank=rank, world=world,
                       started=started)
         if rank == 0:
             queue.put(out)
@@ -332,7 +332,7 @@ def _rank_main(rank: int, args, world: int, rendezvous: str, started: float, que
         dist.destroy_process_group()
 
 
-def _run_ranks(args, world: int) -> dict:
+def _run_ranks(args, setup: tuple, world: int) -> dict:
     import tempfile
 
     import torch.multiprocessing as mp
@@ -342,7 +342,7 @@ def _run_ranks(args, world: int) -> dict:
     # file rendezvous: local ranks only, no port to pick (and no race for one)
     with tempfile.TemporaryDirectory(prefix="epd-ranks-") as tmp:
         try:
-            mp.start_processes(_rank_main, args=(args, world, str(Path(tmp) / "rendezvous"), time.time(), queue),
+            mp.start_processes(_rank_main, args=(args, setup, world, str(Path(tmp) / "rendezvous"), time.time(), queue),
                                nprocs=world, join=True, start_method="spawn")
         except mp.ProcessRaisedException as e:
             raise EPDError(f"--gpus {world}: a rank failed:\n{e}") from None
@@ -354,16 +354,16 @@ def _run_ranks(args, world: int) -> dict:
 def run(args):
     from . import tracking
 
-    sec, solver, table, prompts, seeds = _setup(args)
-    label = args.label or solver
+    setup = _setup(args)  # (section, solver, table, prompts, seeds): validated once, the ranks receive it
+    label = args.label or setup[1]
     world = int(getattr(args, "gpus", 1))
     tags = {"solver": label, "nfe": args.nfe if args.nfe is not None else "", "predictor": args.predictor_path or ""}
     params = {"seeds": args.seeds, "batch": args.batch, "gpus": world, "parallel": args.parallel if world > 1 else ""}
     with tracking.start_run("sample", backbone=args.backbone, tags=tags, params=params) as r:
         if world == 1:
-            summary = _sample(args, sec, solver, table, prompts, seeds, device=args.device)
+            summary = _sample(args, *setup, device=args.device)
         else:
-            summary = _run_ranks(args, world)
+            summary = _run_ranks(args, setup, world)
         r.params({"num_points": summary["num_points"]})
         r.metrics({"nfe": summary["nfe"], "forward_passes": summary["forward_passes"], "seconds": summary["seconds"]})
     print(f"{summary['count']} images ({label}, NFE {summary['nfe']}, {summary['forward_passes']} forward passes) "
