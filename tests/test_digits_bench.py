@@ -18,13 +18,7 @@ TINY_BENCH = {"samples_per_class": 3, "teacher_steps": 4, "solvers": ["euler", "
               "guidance_sweep": [0.0, 2.0], "sweep_samples_per_class": 1, "sweep_steps": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster and immune to a busy machine's thread contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(tmp_path, bench=TINY_BENCH, guidance=1.5):

@@ -11,9 +11,8 @@ from PIL import Image
 
 from epd.cli import main
 from epd.predictor import save, uniform_table
+from reliability.harness import TINY_DIGITS  # the reliability suite's seconds-long digits backbone
 
-TINY = {"steps": 6, "batch_size": 16, "checkpoint_every": 3, "log_every": 3, "eval_every": 6, "warmup": 2,
-        "arch": {"channels": 8, "emb_dim": 16}, "classifier": {"steps": 20, "hidden": [16, 8]}}
 SEEDS = "3-9"  # 7 seeds: an uneven split over 2 ranks
 
 
@@ -22,7 +21,7 @@ def ws(tmp_path_factory):
     from epd.backbones.digits_train import DigitsTrainConfig, train
 
     root = tmp_path_factory.mktemp("ranks")
-    train(DigitsTrainConfig.from_dict(TINY), root / "digits", progress=False)
+    train(DigitsTrainConfig.from_dict(TINY_DIGITS), root / "digits", progress=False)
     cfg = {"run": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"},
            "backbones": {"d": {"kind": "digits", "guidance": 1.5, "prompts": {"eval": "builtin:digits"},
                                "solvers": ["euler"], "nfes": [4], "metrics": ["digits_alignment"],
