@@ -157,23 +157,9 @@ def distill(backbone, *, sigmas: torch.Tensor, x_init: torch.Tensor, targets: to
     params = EPDParameters(init, scale_dir, scale_time)
     opt = torch.optim.Adam(params.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     gen = torch.Generator().manual_seed(cfg.seed)
-    start, history = 0, []
     ckpt = out_dir / "checkpoint.pt"
     fingerprint = _fingerprint(cfg, sigmas, x_init, targets, num_points, afs, scale_dir, scale_time)
-    if ckpt.exists():
-        try:
-            state = torch.load(ckpt, weights_only=True)
-            params.load_state_dict(state["params"])
-            opt.load_state_dict(state["opt"])
-            gen.set_state(state["gen"])
-            start, history = int(state["iteration"]), list(state["history"])
-        except Exception as e:  # noqa: BLE001 - corrupt zip, refused pickle global, wrong keys: all reported alike
-            raise EPDError(f"{ckpt}: cannot resume from this checkpoint ({load_error_text(e)}); it is not a "
-                           "distillation checkpoint written by epd: delete it to start over") from None
-        if state.get("fingerprint", fingerprint) != fingerprint:
-            raise ConfigError(f"{ckpt}: was written for other distillation settings or another teacher set; "
-                              "use another --out or delete the checkpoint to start over")
-        log.info("resuming distillation at iteration %d", start)
+    start, history = _resume(ckpt, fingerprint, params, opt, gen)
     den = backbone.denoiser
     for p in getattr(den, "parameters", lambda: [])():
         p.requires_grad_(False)
@@ -193,16 +179,7 @@ def distill(backbone, *, sigmas: torch.Tensor, x_init: torch.Tensor, targets: to
         out = sample_epd(den, x_init[idx], sig, cond=cond, table=params, afs=afs, grad=True,
                          return_trajectory=True, detach_between_steps=cfg.detach_between_steps, context=labels)
         traj = torch.stack(out.trajectory[1:], 1)
-        per_step = ((traj - targets[idx]) ** 2).flatten(2).mean(2).mean(0)  # (N-1,)
-        w = torch.ones_like(per_step)
-        w[-1] = cfg.final_weight
-        loss = (w * per_step).sum()
-        feat = None
-        if cfg.feature_weight > 0:
-            with torch.no_grad():
-                f_tea = feature_fn(targets[idx, -1])
-            feat = ((feature_fn(traj[:, -1]) - f_tea) ** 2).mean()
-            loss = loss + cfg.feature_weight * feat
+        loss, per_step, feat = _loss(traj, targets[idx], cfg, feature_fn)
         if not torch.isfinite(loss):
             bad = (~torch.isfinite(((traj - targets[idx]) ** 2).flatten(1).sum(1))).nonzero().flatten().tolist()
             raise NonFiniteError(f"distillation loss is NaN/inf at iteration {it + 1} (per-step losses "
@@ -220,16 +197,56 @@ def distill(backbone, *, sigmas: torch.Tensor, x_init: torch.Tensor, targets: to
         if run is not None:
             run.metrics({"loss": rec["loss"], "final_rmse": rec["final_rmse"]}, step=it + 1)
         if (it + 1) % cfg.save_every == 0 or it + 1 == cfg.iterations:
-            buf = io.BytesIO()  # serialised in memory, so a full disk is reported as such (see atomic_path)
-            torch.save({"params": params.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                        "iteration": it + 1, "history": history, "fingerprint": fingerprint}, buf)
-            atomic_write_bytes(ckpt, buf.getvalue())
+            _save_checkpoint(ckpt, {"params": params.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                                    "iteration": it + 1, "history": history, "fingerprint": fingerprint})
     table = params.to_table(provenance={"stage": "distill", "iterations": cfg.iterations, "config": asdict(cfg),
                                         "final_loss": history[-1]["loss"] if history else None,
                                         "seconds": round(time.time() - t0, 2)})
     save(table, out_dir / "table")
     atomic_write_text(out_dir / "distill_log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     return table
+
+
+def _loss(traj: torch.Tensor, target: torch.Tensor, cfg: DistillConfig, feature_fn):
+    """Per-step L2 to the teacher states along the student's own trajectory (the last step weighted
+    ``final_weight``), plus the optional final-step feature term. Returns ``(loss, per-step L2, feature term)``."""
+    per_step = ((traj - target) ** 2).flatten(2).mean(2).mean(0)  # (N-1,)
+    w = torch.ones_like(per_step)
+    w[-1] = cfg.final_weight
+    loss = (w * per_step).sum()
+    feat = None
+    if cfg.feature_weight > 0:
+        with torch.no_grad():
+            f_tea = feature_fn(target[:, -1])
+        feat = ((feature_fn(traj[:, -1]) - f_tea) ** 2).mean()
+        loss = loss + cfg.feature_weight * feat
+    return loss, per_step, feat
+
+
+def _resume(ckpt: Path, fingerprint: str, params, opt, gen) -> tuple[int, list]:
+    """Load ``ckpt`` into the parameters, optimiser and generator if it exists; returns ``(iteration, history)``."""
+    if not ckpt.exists():
+        return 0, []
+    try:
+        state = torch.load(ckpt, weights_only=True)
+        params.load_state_dict(state["params"])
+        opt.load_state_dict(state["opt"])
+        gen.set_state(state["gen"])
+        start, history = int(state["iteration"]), list(state["history"])
+    except Exception as e:  # noqa: BLE001 - corrupt zip, refused pickle global, wrong keys: all reported alike
+        raise EPDError(f"{ckpt}: cannot resume from this checkpoint ({load_error_text(e)}); it is not a "
+                       "distillation checkpoint written by epd: delete it to start over") from None
+    if state.get("fingerprint", fingerprint) != fingerprint:
+        raise ConfigError(f"{ckpt}: was written for other distillation settings or another teacher set; "
+                          "use another --out or delete the checkpoint to start over")
+    log.info("resuming distillation at iteration %d", start)
+    return start, history
+
+
+def _save_checkpoint(ckpt: Path, state: dict) -> None:
+    buf = io.BytesIO()  # serialised in memory, so a full disk is reported as such (see atomic_path)
+    torch.save(state, buf)
+    atomic_write_bytes(ckpt, buf.getvalue())
 
 
 def _fingerprint(cfg, sigmas, x_init, targets, num_points, afs, scale_dir, scale_time) -> str:
