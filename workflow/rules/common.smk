@@ -88,8 +88,7 @@ def all_targets():
         pairs = sample_targets(b)
         out += [f"{RESULTS}/{b}/samples/{s}/nfe{n}/summary.json" for s, n in pairs]
         out += [f"{RESULTS}/{b}/eval/{s}/nfe{n}/summary.json" for s, n in pairs]
-        out += [t for s, n in pairs for t in [distilled_table(b, n) if s == "epd_distilled" else
-                                                    rdpo_table(b, n) if s == "epd_rdpo" else None] if t is not None]
+        out += [table_for(b, s, n) for s, n in pairs if s in TABLE_LABELS]
     return out
 
 
@@ -127,13 +126,16 @@ def rdpo_table(b, nfe):
     return pulled(f"{b}/rdpo/nfe{nfe}/table_best.safetensors") or f"{RESULTS}/{b}/rdpo/nfe{nfe}/table_best.safetensors"
 
 
+def table_for(b, s, nfe):
+    """The EPD table a study row samples with (``s`` in TABLE_LABELS), pulled or produced."""
+    return distilled_table(b, nfe) if s == "epd_distilled" else rdpo_table(b, nfe)
+
+
 def sample_inputs(wildcards):
     b, s, n = wildcards.b, wildcards.solver, wildcards.nfe
     ins = {"backbone": backbone_input(wildcards)}
-    if s == "epd_distilled":
-        ins["table"] = distilled_table(b, n)
-    elif s == "epd_rdpo":
-        ins["table"] = rdpo_table(b, n)
+    if s in TABLE_LABELS:
+        ins["table"] = table_for(b, s, n)
     return ins
 
 
