@@ -46,10 +46,14 @@ def _check_images(images) -> torch.Tensor:
 
 
 def _load(weights_dir, device) -> DigitsClassifier:
+    return _load_with_meta(weights_dir, device)[0]
+
+
+def _load_with_meta(weights_dir, device) -> tuple[DigitsClassifier, dict]:
     if weights_dir is None:
         raise EPDError("digits scorers need weights_dir: the `epd backbone train --out DIR` folder that holds "
                        "classifier.safetensors")
-    return load_classifier(Path(weights_dir), device)[0]
+    return load_classifier(Path(weights_dir), device)
 
 
 class DigitsImageScorer:
@@ -141,9 +145,7 @@ def make_realism(weights_dir=None, device: str = "cpu", **kw) -> DigitsImageScor
 
 def make_typicality(weights_dir=None, device: str = "cpu", **kw) -> DigitsImageScorer:
     """``digits_typicality``: ``-|log(m / m_y)|``, how typical the image's distance to its class Gaussian is."""
-    if weights_dir is None:
-        _load(weights_dir, device)  # raises the explanatory error
-    clf, meta = load_classifier(Path(weights_dir), device)
+    clf, meta = _load_with_meta(weights_dir, device)
     return DigitsImageScorer(clf, "digits_typicality", "typicality", int((meta.get("data") or {}).get("split_seed", 0)))
 
 
