@@ -23,7 +23,7 @@ from .base import Prepared
 from .weights import MissingWeightsError
 
 __all__ = ["parse_settings", "settings_from_section", "resolve_dtype", "check_weights_folder", "missing_files",
-           "warn_truncation", "expand_cond", "place", "check_offload", "default_flow_schedule",
+           "warn_truncation", "expand_cond", "place", "own_cpu_weights", "check_offload", "default_flow_schedule",
            "DiffusersBackbone", "FlowDenoiser", "table_value", "COMMON_KEYS", "STUDY_KEYS"]
 
 
@@ -247,10 +247,45 @@ def check_offload(offload: str, device) -> None:
                           "set offload: none")
 
 
+# torch's CPU allocator starts every tensor on a 64-byte boundary (c10 gAlignment); a model built in memory has only
+# such tensors.
+CPU_ALIGNMENT = 64
+
+
+def own_cpu_weights(pipe) -> int:
+    """Copy the pipeline's CPU parameters and buffers that do not start on a :data:`CPU_ALIGNMENT` boundary into
+    memory of torch's allocator.
+
+    ``from_pretrained`` leaves same-dtype safetensors weights as views of the memory-mapped file, each at
+    ``8 + header length + its data offset``, i.e. at an arbitrary 4-byte-aligned address. MKL's sgemm/sgemv give
+    results that depend on operand alignment on some CPUs (its SSE4.2/AVX kernels; oneMKL documents this under
+    Conditional Numerical Reproducibility), so the very same weights produced other bits once loaded from a folder
+    than in memory, and other bits again for another layout of the same weights (sharding, metadata). Copied,
+    the weights compute like a model built in memory. Tied parameters stay tied (each object is copied once).
+
+    Returns:
+        `int`: how many tensors were copied.
+    """
+    n = 0
+    for comp in pipe.components.values():
+        if not isinstance(comp, torch.nn.Module):
+            continue
+        for t in (*comp.parameters(), *comp.buffers()):
+            if t.device.type == "cpu" and t.data_ptr() % CPU_ALIGNMENT:
+                t.data = t.data.clone()
+                n += 1
+    return n
+
+
 def place(pipe, offload: str, device) -> None:
-    """Move the pipeline's modules to ``device`` or install diffusers' CPU offload hooks."""
+    """Move the pipeline's modules to ``device`` or install diffusers' CPU offload hooks.
+
+    Weights left on the CPU (``device`` cpu) are re-homed with :func:`own_cpu_weights`, so a loaded folder computes
+    bit for bit like the same modules built in memory; on a GPU the move already copies them.
+    """
     if offload == "none":
         pipe.to(device)
+        own_cpu_weights(pipe)
         return
     check_offload(offload, device)
     if offload == "model":
