@@ -2,6 +2,9 @@
 the original's grid, fixture predictors, weights resolution and bad input."""
 
 import json
+import os
+import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,13 +22,16 @@ from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPToken
 from _tiny_tokenizers import clip_tokenizer_dir, t5_tokenizer_dir  # noqa: E402
 from epd import predictor  # noqa: E402
 from epd.backbones.base import Backbone, Denoiser  # noqa: E402
+from epd.backbones.diffusers_common import CPU_ALIGNMENT  # noqa: E402
 from epd.backbones.flow_schedules import sd3_sigmas  # noqa: E402
 from epd.backbones.sd3 import SCHEDULER_CONFIG, SD3Backbone  # noqa: E402
 from epd.backbones.weights import MissingWeightsError  # noqa: E402
 from epd.errors import ConfigError  # noqa: E402
 from epd.solvers import solve  # noqa: E402
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "rlepd" / "predictors"
+from _shared import FIXTURES as SHARED_FIXTURES, needs  # noqa: E402
+
+FIXTURES = SHARED_FIXTURES / "rlepd" / "predictors"
 PROMPTS = ["a cat", "a photo of an astronaut riding a horse"]
 RES = 128  # tiny VAE with factor 8 -> 16x16 latent, 8x8 patches
 MAX_SEQ = 16
@@ -87,6 +93,12 @@ def _call(pipe, z, steps, **kw):
 
 def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
+
+
+def _misaligned(pipe):
+    """Weights not on torch's 64-byte allocation boundary (e.g. views of a memory-mapped safetensors file)."""
+    return [f"{c}.{n}" for c, m in pipe.components.items() if isinstance(m, torch.nn.Module)
+            for n, t in (*m.named_parameters(), *m.named_buffers()) if t.data_ptr() % CPU_ALIGNMENT]
 
 
 # ---------------------------------------------------------------------- parity with the pipeline
@@ -159,6 +171,7 @@ def test_flow_and_edm_coordinates_give_the_same_first_order_steps(parts):
 
 
 # ---------------------------------------------------------------------- fixture predictors
+@needs("rlepd/predictors")
 @pytest.mark.parametrize("name,res", [("f512", 512), ("f1024", 1024)])
 def test_fixture_predictor_samples(parts, name, res):
     pytest.importorskip("epd.legacy")
@@ -182,6 +195,7 @@ def test_fixture_predictor_samples(parts, name, res):
     assert torch.isfinite(res_.x).all() and res_.x.shape == (1, 4, res // 8, res // 8)
 
 
+@needs("rlepd/predictors")
 def test_predictor_mismatch_is_refused(parts):
     pytest.importorskip("epd.legacy")
     bb = _backbone(parts, resolution=1024)
@@ -206,11 +220,30 @@ def test_saved_folder_loads_through_epd_weights_dir(parts, monkeypatch, tmp_path
     pipe = _pipe(parts, FlowMatchEulerDiscreteScheduler.from_config(SCHEDULER_CONFIG))
     pipe.save_pretrained(tmp_path / "w" / "sd3-medium")
     loaded = SD3Backbone.from_pretrained(None, config={"resolution": 512, "max_sequence_length": MAX_SEQ})
+    # The loaded weights sit where the in-memory ones do: MKL's results can depend on operand alignment (see
+    # epd.backbones.diffusers_common.own_cpu_weights and test_saved_folder_parity_on_mkl_sse42_kernels).
+    assert not _misaligned(loaded.pipe)
     ref = _backbone(parts, resolution=512)
     x, s = loaded.noise([1]), torch.tensor([0.6])
     assert torch.equal(loaded.denoiser(x, s, loaded.prepare(["a cat"])), ref.denoiser(x, s, ref.prepare(["a cat"])))
     with pytest.raises(ConfigError, match="resolution: SD3-Medium runs at"):
         SD3Backbone.from_pretrained(None, config={"resolution": 768})
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkl.is_available(),
+                    reason="MKL_ENABLE_INSTRUCTIONS needs torch built with MKL on x86-64")
+def test_saved_folder_parity_on_mkl_sse42_kernels():
+    """The saved-folder tests of SD3 and FLUX again, with MKL on its SSE4.2 kernels (what it runs on CPUs without
+    AVX2). Their sgemv results depend on operand alignment, so weights left as views of the memory-mapped
+    safetensors files (a 64-byte-misaligned CLIP ``text_projection.weight``) changed the pooled embeddings in the
+    last bit. MKL reads the setting at start, hence a fresh process."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        "tests/test_backbone_sd3.py::test_saved_folder_loads_through_epd_weights_dir",
+                        "tests/test_backbone_flux.py::test_saved_folder_loads_through_env_var"],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
 
 
 def test_bad_input(parts):

@@ -24,11 +24,14 @@ from epd.cli import main as cli_main
 from epd.errors import EPDError
 from epd.legacy import LEGACY_MAGIC, backend_defaults, load_legacy_pickle
 
-FIX = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _shared import FIXTURES, needs  # noqa: E402
+
+FIX = FIXTURES
 PKLS = sorted(FIX.glob("**/*.pkl"))
 PARAM_NAMES = ("r_params", "weight_s", "scale_dir_params", "scale_time_params")
 
-pytestmark = pytest.mark.skipif(not PKLS, reason="shared fixtures not present")
+pytestmark = needs("rlepd/predictors", "rlepd/smoke", "rlepd/runs", "iccv")
 
 
 def _id(p: Path) -> str:

@@ -4,6 +4,7 @@ manifest and options; mismatched checkpoints fail clearly."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,11 @@ from epd.predictor import uniform_table
 from epd.rdpo.export import export_checkpoint, export_run, pred_kwargs_from_meta
 from epd.rdpo.policy import EPDParamPolicy
 
-FIX = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _shared import FIXTURES as FIX, needs  # noqa: E402
+
 RUNS = sorted(FIX.glob("rlepd/smoke/*/runs/*/"))
-pytestmark = pytest.mark.skipif(len(RUNS) != 4, reason="shared fixtures not present")
+pytestmark = needs("rlepd/smoke", "rlepd/runs")
 # run -> its start snapshot inside the (relocated) smoke tree
 START = {"smoke_sd15": "fake/f15", "smoke_sd3_512": "fake/f512", "smoke_sd3_1024": "fake/f1024",
          "smoke_flux": "fake/fflux"}

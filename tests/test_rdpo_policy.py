@@ -4,6 +4,7 @@ closed forms and torch.distributions, sampling, per-image tables in the EPD solv
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,11 @@ from epd.predictor import EPDTable, uniform_table
 from epd.rdpo.policy import EPDParamPolicy, PolicyAction, SampledTables, cold_start, sanitize_rows
 from epd.solvers import solve
 
-FIX = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _shared import FIXTURES as FIX, needs  # noqa: E402
+
 SMOKE_SD15 = FIX / "rlepd/smoke/20260329-162229/runs/20260329-162308-smoke_sd15/checkpoints/policy-step000010.pt"
-needs_fixtures = pytest.mark.skipif(not SMOKE_SD15.is_file(), reason="shared fixtures not present")
+needs_fixtures = needs(str(SMOKE_SD15.relative_to(FIX)), "rlepd/predictors")
 
 
 def _table(scales=True, steps=4, K=2, seed=0) -> EPDTable:

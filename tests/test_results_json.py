@@ -2,6 +2,7 @@
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,11 @@ from epd.metrics.results import (convert_imagereward, load_result_dir, parse_res
                                  results_table)
 from epd.rewards import IMAGEREWARD_RLEPD_OFFSET
 
-FIX = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "rlepd"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _shared import FIXTURES, needs  # noqa: E402
+
+FIX = FIXTURES / "rlepd"
+pytestmark = needs("rlepd/results", "rlepd/smoke")
 
 # spec §9.3 (original-system.md), FLUX.1-dev 1024², 1000 test prompts; ImageReward with the +3.1 offset
 SPEC_FLUX = {

@@ -1,6 +1,8 @@
 """Stage 1 on the analytic GMM backbone: teacher sets, distillation (accuracy, exact resume), sampling CLI inputs."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,9 @@ from epd.io import parse_seeds, read_prompts
 from epd.predictor import check_compatible, load, save, uniform_table
 from epd.solvers import solve
 from epd.teacher import generate, load_teacher, teacher_sigmas
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _shared import fixture  # noqa: E402
 
 BB = GMMBackbone(make_gmm(dim=6, num_classes=2, per_class=3, seed=0, std_range=(0.1, 0.3)), guidance=2.0)
 
@@ -182,9 +187,7 @@ def test_prompt_files(tmp_path):
 
 
 def test_fixture_prompt_files():
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "rlepd" / "prompts"
+    root = fixture("rlepd/prompts")
     assert len(read_prompts(root / "test.txt")) == 1000
     assert len(read_prompts(root / "MS-COCO_val2014_30k_captions.csv")) == 30000
     coco = read_prompts(root / "coco10k.csv")
