@@ -33,6 +33,8 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("predictor", "show"), "epd.predictor_cli", "print a summary of a snapshot (.pkl or native)"),
     (("predictor", "convert"), "epd.predictor_cli", "convert a legacy .pkl snapshot to the native format"),
     (("report",), "epd.report", "export MLflow runs and build tables and plots"),
+    (("assets", "fetch"), "epd.assets", "fetch the original system's released files, checksummed"),
+    (("assets", "verify"), "epd.assets", "check the fetched original files (exit 2 listing problems)"),
     (("validate-config",), "epd.config", "validate a workflow config against the schema"),
 ]
 
