@@ -10,7 +10,12 @@ import yaml
 
 from .errors import ConfigError
 
-__all__ = ["load_config", "backbone_section", "validate", "schema_path"]
+__all__ = ["load_config", "backbone_section", "validate", "schema_path", "study_files", "check_study",
+           "skipped_pairs", "ASSETS_DIR", "ASSETS_FETCH"]
+
+# Where ``epd assets fetch`` puts the original system's released files, and the command that brings them.
+ASSETS_DIR = "data/original"
+ASSETS_FETCH = "epd assets fetch   (or, offline: epd assets fetch --mirror DIR, DIR a checkout of the original repository)"
 
 
 def schema_path() -> Path:
@@ -81,11 +86,68 @@ def backbone_section(config: dict, name: str) -> dict:
     return sec
 
 
+def study_files(config: dict) -> list[tuple[str, str]]:
+    """Every input file a study names besides weights: ``(config key, path)`` for prompt files, released
+    predictors and external result folders."""
+    from .prompts import prompt_file
+
+    out = []
+    for b, sec in (config.get("backbones") or {}).items():
+        specs = {f"backbones.{b}.prompts.{k}": v for k, v in (sec.get("prompts") or {}).items()}
+        specs[f"backbones.{b}.teacher.prompts"] = (sec.get("teacher") or {}).get("prompts")
+        specs[f"backbones.{b}.rdpo.eval.prompts"] = ((sec.get("rdpo") or {}).get("eval") or {}).get("prompts")
+        out += [(k, f) for k, v in specs.items() if v and (f := prompt_file(v))]
+        out += [(f"backbones.{b}.predictors.{k}", v) for k, v in (sec.get("predictors") or {}).items()]
+    for i, ext in enumerate((config.get("report") or {}).get("external") or []):
+        out.append((f"report.external[{i}]", ext.split("=", 1)[-1]))
+    return out
+
+
+def skipped_pairs(config: dict) -> dict[str, list[str]]:
+    """Backbone -> ``"solver@NFE"`` pairs of the config that cannot run (e.g. Heun at an odd NFE)."""
+    from .solvers import steps_for_nfe
+
+    out = {}
+    for b, sec in (config.get("backbones") or {}).items():
+        bad = []
+        for s in sec.get("solvers") or []:
+            for n in sec.get("nfes") or []:
+                try:
+                    steps_for_nfe(s, int(n))
+                except ConfigError:
+                    bad.append(f"{s}@{n}")
+        if bad:
+            out[b] = bad
+    return out
+
+
+def check_study(config: dict, root: str | Path = ".") -> None:
+    """Checks a study needs before any job: every configured solver runs at one configured NFE at least, and every
+    input file exists. Raises :class:`ConfigError` listing each problem with its fix."""
+    problems = []
+    skipped = skipped_pairs(config)
+    for b, sec in (config.get("backbones") or {}).items():
+        for s in sec.get("solvers") or []:
+            if all(f"{s}@{n}" in skipped.get(b, []) for n in sec.get("nfes") or []):
+                problems.append(f"backbones.{b}.solvers: {s} runs at none of nfes {sec.get('nfes')} "
+                                f"(it spends 2 evaluations per step: use even NFEs, or remove it)")
+    missing = [(k, f) for k, f in study_files(config) if not (Path(root) / f).exists()]
+    problems += [f"{k}: {f} not found" for k, f in missing]
+    if not problems:
+        return
+    fixes = []
+    if any(Path(f).parts[:2] == tuple(Path(ASSETS_DIR).parts) for _, f in missing):
+        fixes.append(f"the original system's released files under {ASSETS_DIR}/ are brought by: {ASSETS_FETCH}")
+    raise ConfigError("study cannot start:\n" + "\n".join(f"  {p}" for p in problems)
+                      + "".join(f"\n  fix: {f}" for f in fixes))
+
+
 def add_arguments(p):
     p.add_argument("config", help="YAML config file")
 
 
 def run(args):
     cfg = load_config(args.config)
+    check_study(cfg)
     print(f"{args.config}: valid ({len(cfg.get('backbones', {}))} backbone(s): {', '.join(cfg.get('backbones', {}))})")
     return 0

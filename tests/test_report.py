@@ -4,6 +4,7 @@ scipy's paired t-test and the original system's FLUX result JSONs."""
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,10 @@ from epd.predictor import EPDTable, save, uniform_table
 from epd.report import build_report, export_runs, history_path, missing_rows
 from epd.report.render import fmt_value
 
-RESULTS = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "rlepd" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _shared import FIXTURES, needs  # noqa: E402
+
+RESULTS = FIXTURES / "rlepd" / "results"
 FLUX_DIRS = [RESULTS / "flux_baseline_eval_20260402", RESULTS / "flux_epd_step001000_eval"]
 N = 24
 T0 = 1_700_000_000_000   # ms
@@ -300,6 +304,7 @@ def test_build_is_deterministic(world, report):
 
 
 # ---------------------------------------------------------------------------------------------- external rows
+@needs("rlepd/results")
 def test_external_flux_rows_with_imagereward_converted(world, tmp_path):
     written = build_report(world["runs_csv"], tmp_path, external=[str(d) for d in FLUX_DIRS], backbones="flux,sd15")
     assert set(written) == {"flux", "sd15"}
@@ -355,3 +360,11 @@ def test_cli_expect_rows(world, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert main(["report", "--export-only", "--runs-csv", str(tmp_path / "x.csv")]) == 2
     assert "MLFLOW_TRACKING_URI" in capsys.readouterr().err
+
+
+def test_configured_pairs_that_cannot_run_are_listed_in_the_notes(world, tmp_path):
+    build_report(world["runs_csv"], tmp_path, backbones="sd15", skipped={"sd15": ["heun@5", "dpm2@5"]})
+    md = (tmp_path / "sd15" / "table.md").read_text()
+    assert "Configured but not run: heun@5, dpm2@5" in md
+    build_report(world["runs_csv"], tmp_path / "none", backbones="sd15")
+    assert "Configured but not run" not in (tmp_path / "none" / "sd15" / "table.md").read_text()

@@ -2,13 +2,14 @@
 
 Two steps, so Snakemake can track the frozen export:
 
-1. export (:func:`export_runs`): MLflow -> ``results/runs.csv`` + ``results/runs_history.csv``;
+1. export (:func:`export_runs`): MLflow -> ``runs.csv`` + ``runs_history.csv`` (the workflow keeps them per
+   study, under ``results/studies/<study>/``);
 2. build (:func:`build_report`): CSV (+ the original system's result JSONs) ->
    ``reports/<backbone>/table.{md,tex,csv}``, PNG plots and ``reports/README.md``.
 
 Example:
     epd report --tracking-uri sqlite:///results/mlflow.db --runs-csv results/runs.csv --out reports \\
-        --external ../shared/fixtures/rlepd/results/flux_baseline_eval_20260402 --expect-rows configs/rows.json
+        --external data/original/results/flux_baseline_eval_20260402 --config configs/flux_dev.yaml
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     step = p.add_mutually_exclusive_group()
     step.add_argument("--export-only", action="store_true", help="only export MLflow runs to --runs-csv")
     step.add_argument("--build-only", action="store_true", help="only build the report from --runs-csv")
+    p.add_argument("--config", default=None,
+                   help="the study's config: its solver/NFE pairs that cannot run are listed in the table notes")
     p.add_argument("--expect-rows", default=None, metavar="FILE.json",
                    help='{"backbone": ["solver", "solver@NFE", ...]}: exit 1 naming every row missing from the tables')
 
@@ -57,8 +60,13 @@ def run(args) -> int:
               f"{s['history_csv']})")
     if args.export_only:
         return 0
+    skipped = None
+    if args.config:
+        from ..config import load_config, skipped_pairs
+
+        skipped = skipped_pairs(load_config(args.config))
     written = build_report(args.runs_csv, args.out, external=args.external, backbones=args.backbones,
-                           best_within=args.best_within)
+                           best_within=args.best_within, skipped=skipped)
     for bb, labels in written.items():
         print(f"{args.out}/{bb}: {', '.join(labels)}")
     if expected is not None:

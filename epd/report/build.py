@@ -54,8 +54,11 @@ def _load_tables(distill: list[dict], rdpo: list[dict], scores: ScoreCache) -> l
     return sorted(by_nfe.items(), key=lambda kv: math.inf if math.isnan(kv[0]) else kv[0])
 
 
-def _notes(rows: list[Row], externals: dict[str, list[str]], backbone: str) -> list[str]:
+def _notes(rows: list[Row], externals: dict[str, list[str]], backbone: str, skipped: list[str]) -> list[str]:
     notes = []
+    if skipped:
+        notes.append(f"Configured but not run: {', '.join(skipped)} (two-evaluation solvers such as Heun and "
+                     "DPM-Solver-2 exist only at even NFE).")
     if any(c.note for r in rows for c in r.cells.values()):
         notes.append(IR_NOTE)
     if any(r.source == ORIGINAL_SOURCE for r in rows):
@@ -68,12 +71,12 @@ def _notes(rows: list[Row], externals: dict[str, list[str]], backbone: str) -> l
 
 
 def _write_backbone(bb: str, rows: list[Row], runs: list[dict], history: dict, out: Path, scores: ScoreCache,
-                    externals: dict[str, list[str]], within: str) -> dict:
+                    externals: dict[str, list[str]], within: str, skipped: list[str]) -> dict:
     rows = order_rows(rows)
     metrics = metric_columns(rows)
     mark_best(rows, metrics, within)
     add_paired(rows, metrics, scores)
-    notes = _notes(rows, externals, bb)
+    notes = _notes(rows, externals, bb, skipped)
     d = out / bb
     atomic_write_text(d / "table.md", render.markdown(bb, rows, metrics, notes, within))
     atomic_write_text(d / "table.tex", render.latex(bb, rows, metrics, notes, within))
@@ -95,7 +98,7 @@ def _write_backbone(bb: str, rows: list[Row], runs: list[dict], history: dict, o
 
 
 def build_report(runs_csv: str | Path, out_dir: str | Path, external=None, backbones=None, *,
-                 best_within: str = "nfe") -> dict[str, list[str]]:
+                 best_within: str = "nfe", skipped: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
     """Turn an exported runs CSV (and optional original result JSONs) into tables and plots.
 
     Writes ``<out_dir>/<backbone>/table.{md,tex,csv}``, the PNG plots that have data
@@ -109,6 +112,8 @@ def build_report(runs_csv: str | Path, out_dir: str | Path, external=None, backb
             ``BACKBONE=DIR``.
         backbones (`list[str]` or `str`, *optional*): only these backbones (comma-separated string accepted).
         best_within (`str`): ``"nfe"`` marks the best value among rows of the same NFE, ``"column"`` per column.
+        skipped (`dict[str, list[str]]`, *optional*): backbone -> configured ``solver@NFE`` pairs that cannot run
+            (:func:`epd.config.skipped_pairs`), listed in the table notes.
 
     Returns:
         `dict[str, list[str]]`: backbone -> solver labels of the rows written, in table order.
@@ -135,8 +140,8 @@ def build_report(runs_csv: str | Path, out_dir: str | Path, external=None, backb
                        "nothing to report")
     history = read_history(history_path(runs_csv))
     scores = ScoreCache([runs_csv.parent, runs_csv.parent.parent])
-    info = {bb: _write_backbone(bb, by_bb[bb], runs, history, out, scores, externals, best_within)
-            for bb in sorted(by_bb)}
+    info = {bb: _write_backbone(bb, by_bb[bb], runs, history, out, scores, externals, best_within,
+                                (skipped or {}).get(bb, [])) for bb in sorted(by_bb)}
     atomic_write_text(out / "README.md", _readme(info, runs_csv, best_within))
     return {bb: i["labels"] for bb, i in info.items()}
 

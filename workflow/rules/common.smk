@@ -2,18 +2,32 @@
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import yaml
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
+
+from epd.config import check_study
+from epd.errors import ConfigError
 
 min_version("9.0")
 
 validate(config, "../schemas/config.schema.yaml")
+try:
+    check_study(config)  # runnable solvers, every prompt file / released table / result folder on disk
+except ConfigError as e:
+    raise WorkflowError(str(e)) from None
 
 RESULTS = "results"
 DATA = os.environ.get("EPD_DATA_DIR", "data")
-RESOLVED_CONFIG = f"{RESULTS}/config.yaml"
+# One study per config file: its resolved config, expected rows and run export live apart from other studies'.
+STUDY = config["run"].get("study") or (
+    Path(workflow.overwrite_configfiles[-1]).stem if workflow.overwrite_configfiles else "default"
+)
+STUDY_DIR = f"{RESULTS}/studies/{STUDY}"
+RESOLVED_CONFIG = f"{STUDY_DIR}/config.yaml"
 
 
 def _write_resolved_config():
@@ -165,9 +179,11 @@ wildcard_constraints:
     nfe=r"\d+",
 
 
-# Every job: offline hub, MLflow on the configured store, one torch thread budget, rule name for run tags.
+# Every job: the `epd` of the Python running Snakemake (so `.venv/bin/snakemake` works without activation),
+# offline hub, MLflow on the configured store, one torch thread budget.
 shell.prefix(
-    "set -euo pipefail; export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DVC_NO_ANALYTICS=1 "
+    f"set -euo pipefail; export PATH={Path(sys.executable).parent}:$PATH; "
+    "export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DVC_NO_ANALYTICS=1 "
     f"MLFLOW_TRACKING_URI={config['run']['tracking_uri']} OMP_NUM_THREADS={config['run']['threads']} "
     f"EPD_THREADS={config['run']['threads']}; "
 )

@@ -6,12 +6,12 @@ rule export_runs:
         all_evaluations,
         lambda wc: [rdpo_table(b, n) for b in BACKBONES for n in rdpo_nfes(b)],
     output:
-        runs=f"{RESULTS}/runs.csv",
-        history=f"{RESULTS}/runs_history.csv",
+        runs=f"{STUDY_DIR}/runs.csv",
+        history=f"{STUDY_DIR}/runs_history.csv",
     log:
-        "logs/report/export.log",
+        f"logs/report/{STUDY}_export.log",
     benchmark:
-        "benchmarks/snakemake/report/export.tsv"
+        f"benchmarks/snakemake/report/{STUDY}_export.tsv"
     message:
         "Exporting MLflow runs"
     conda:
@@ -22,11 +22,11 @@ rule export_runs:
 
 rule expected_rows:
     output:
-        f"{RESULTS}/expected_rows.json",
+        f"{STUDY_DIR}/expected_rows.json",
     params:
         rows=lambda wc: digest(expected_rows()),
     log:
-        "logs/report/expected_rows.log",
+        f"logs/report/{STUDY}_expected_rows.log",
     conda:
         "../../environment.yml"
     run:
@@ -35,22 +35,23 @@ rule expected_rows:
 
 rule report:
     input:
-        runs=f"{RESULTS}/runs.csv",
-        expected=f"{RESULTS}/expected_rows.json",
+        runs=f"{STUDY_DIR}/runs.csv",
+        expected=f"{STUDY_DIR}/expected_rows.json",
     output:
         index=report("reports/README.md", caption="../report/index.rst", category="Report"),
         tables=[f"reports/{b}/table.md" for b in BACKBONES],
     params:
         external=" ".join(f"--external {e}" for e in config["report"]["external"]),
         backbones=",".join(BACKBONES),
+        config_file=RESOLVED_CONFIG,
     log:
-        "logs/report/build.log",
+        f"logs/report/{STUDY}_build.log",
     benchmark:
-        "benchmarks/snakemake/report/build.tsv"
+        f"benchmarks/snakemake/report/{STUDY}_build.tsv"
     message:
         "Building tables and plots"
     conda:
         "../../environment.yml"
     shell:
         "epd report --build-only --runs-csv {input.runs} --out reports --backbones {params.backbones} "
-        "{params.external} --expect-rows {input.expected} > {log} 2>&1"
+        "{params.external} --config {params.config_file} --expect-rows {input.expected} > {log} 2>&1"
