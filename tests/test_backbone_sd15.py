@@ -23,7 +23,9 @@ from epd.backbones.weights import MissingWeightsError  # noqa: E402
 from epd.errors import ConfigError  # noqa: E402
 from epd.solvers import solve  # noqa: E402
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "rlepd" / "predictors"
+from _shared import FIXTURES as SHARED_FIXTURES, needs  # noqa: E402
+
+FIXTURES = SHARED_FIXTURES / "rlepd" / "predictors"
 PROMPTS = ["a cat", "a photo of an astronaut riding a horse"]
 # spec §2: the original's discrete grid (scaled-linear SD1.5 table)
 SD15_N10 = [14.6146, 7.8399, 4.6092, 2.9183, 1.9502, 1.3449, 0.9324, 0.6250, 0.3687, 0.0292]
@@ -204,6 +206,7 @@ def test_long_prompt_is_truncated_with_a_warning(parts):
 
 
 # ---------------------------------------------------------------------- fixture predictors
+@needs("rlepd/predictors")
 @pytest.mark.parametrize("name", ["f15", "fake-sd15-11"])
 def test_fixture_predictor_samples(parts, name):
     pytest.importorskip("epd.legacy")
@@ -223,6 +226,7 @@ def test_fixture_predictor_samples(parts, name):
     assert torch.isfinite(res.x).all() and res.x.shape == (1, 4, 64, 64)
 
 
+@needs("rlepd/predictors")
 def test_predictor_for_another_backbone_is_refused(parts):
     pytest.importorskip("epd.legacy")
     bb = _backbone(parts)
@@ -244,7 +248,8 @@ def test_missing_weights_fail_at_once_listing_places(monkeypatch, tmp_path):
     with pytest.raises(MissingWeightsError) as e:
         SD15Backbone.from_pretrained(None, config={"name": "sd15"})
     msg = str(e.value)
-    assert str(tmp_path / "data" / "weights" / "sd15") in msg and "SD15_MODEL_PATH" in msg and "dvc pull" in msg
+    assert str(tmp_path / "data" / "weights" / "sd15") in msg and "SD15_MODEL_PATH" in msg
+    assert "dvc pull" not in msg  # data.dvc tracks the digits checkpoints only: no false hint for SD1.5
 
 
 def test_saved_folder_loads_and_matches_components(monkeypatch, tmp_path):

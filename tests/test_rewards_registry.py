@@ -43,8 +43,9 @@ def test_missing_weights_listed_together(tmp_path, monkeypatch):
         resolve_weights(["hps", "mps"], weights_dir=tmp_path / "w")
     msg = str(e.value)
     for part in (str(tmp_path / "w" / "hps" / "HPS_v2.1_compressed.pt"), "mps/MPS_overall_state_dict.pt",
-                 "mps/processor", "HPS_WEIGHTS", "dvc pull"):
+                 "mps/processor", "HPS_WEIGHTS"):
         assert part in msg
+    assert "dvc pull" not in msg  # data.dvc tracks no scorer weights
     with pytest.raises(MissingWeightsError):
         get_scorer("hps")
 
@@ -62,3 +63,21 @@ def test_metrics_list_cli(capsys):
     names = [line.split()[0] for line in out.splitlines()]
     assert names == EXPECTED
     assert "fid" in out.lower() and "+3*1.03334" in out
+
+
+def test_dvc_hint_only_for_files_dvc_tracks(tmp_path, monkeypatch):
+    from epd.backbones import weights as W
+
+    tracked = W.dvc_tracked()  # the repository's real listing of data.dvc
+    assert "checkpoints/digits/backbone/model.safetensors" in tracked
+    assert not any(t.startswith("weights/") for t in tracked)
+    monkeypatch.setenv("EPD_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("EPD_WEIGHTS_DIR", raising=False)
+    monkeypatch.delenv("HPS_WEIGHTS", raising=False)
+    monkeypatch.setattr(W, "dvc_tracked", lambda: {"weights/hps/HPS_v2.1_compressed.pt"})
+    with pytest.raises(MissingWeightsError) as e:
+        resolve_weights(["hps", "mps"])
+    msg = str(e.value)
+    assert "DVC tracks hps/HPS_v2.1_compressed.pt: dvc pull data.dvc" in msg
+    assert "mps/MPS_overall_state_dict.pt" in msg.split("DVC tracks")[0] and "mps" not in msg.split("DVC tracks")[1]

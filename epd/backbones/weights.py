@@ -7,11 +7,13 @@
 3. ``<repo>/data/weights/<relative path>`` (the DVC-tracked folder; ``EPD_DATA_DIR`` overrides ``data/``),
 4. the local Hugging Face cache (``HF_HUB_CACHE``/``HF_HOME``), offline, for entries that name a hub repo.
 
-When nothing is found, :class:`MissingWeightsError` lists every place looked and the ``dvc pull`` target.
+When nothing is found, :class:`MissingWeightsError` lists every place looked, and a ``dvc pull`` target only for
+files that DVC actually tracks (the listing of ``data.dvc`` in the repository's DVC store).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,8 +167,36 @@ def resolve(kind: str, name: str, explicit: str | os.PathLike | None = None) -> 
     raise MissingWeightsError(missing_message([(kind, name, spec, looked)]))
 
 
+def dvc_tracked() -> set[str]:
+    """Paths (relative to ``data/``) that ``data.dvc`` tracks, read from the repository's DVC store or cache;
+    empty when the listing is not on this machine."""
+    root = repo_root()
+    try:
+        text = (root / "data.dvc").read_text()
+    except OSError:
+        return set()
+    md5 = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.strip().startswith("- md5:")), "")
+    if not md5.endswith(".dir"):
+        return set()
+    for store in (root / ".dvc" / "store", root / ".dvc" / "cache"):
+        listing = store / "files" / "md5" / md5[:2] / md5[2:]
+        if listing.is_file():
+            try:
+                return {e["relpath"] for e in json.loads(listing.read_text())}
+            except (ValueError, KeyError, TypeError):
+                return set()
+    return set()
+
+
+def _dvc_has(rel: str, tracked: set[str]) -> bool:
+    target = f"weights/{rel}"
+    return any(t == target or t.startswith(target + "/") for t in tracked)
+
+
 def missing_message(items) -> str:
-    lines = ["weights not found (nothing is downloaded; place the files locally):"]
+    lines = [f"weights not found: {len(items)} missing (nothing is downloaded; place the files locally):"]
+    tracked = dvc_tracked()
+    pullable = []
     for kind, name, spec, looked in items:
         lines.append(f"  {kind} '{name}' ({spec.what or spec.rel}); looked at:")
         lines += [f"    - {p}" for p in looked]
@@ -175,7 +205,10 @@ def missing_message(items) -> str:
             hint += f", or set {spec.env}=<path>"
         hint += ", or set EPD_WEIGHTS_DIR=<dir containing " + spec.rel + ">"
         lines.append(hint)
-    lines.append("  or fetch the DVC-tracked weights: dvc pull data.dvc")
+        if _dvc_has(spec.rel, tracked):
+            pullable.append(spec.rel)
+    if pullable:
+        lines.append(f"  DVC tracks {', '.join(pullable)}: dvc pull data.dvc")
     return "\n".join(lines)
 
 

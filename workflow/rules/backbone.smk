@@ -1,4 +1,5 @@
-# Backbone: train the embedded digits model, or resolve a real backbone's local weights (fails listing missing files).
+# Backbone: train the embedded digits model, or resolve a real backbone's local weights and every scorer's
+# (fails listing every missing file).
 
 
 rule backbone_train:
@@ -28,7 +29,8 @@ rule backbone_check:
         f"{RESULTS}/{{b}}/backbone/weights.json",
     params:
         config_file=RESOLVED_CONFIG,
-        cfg=lambda wc: digest({k: sec(wc.b).get(k) for k in ("kind", "model_path", "resolution")}),
+        cfg=lambda wc: digest({k: sec(wc.b).get(k) for k in ("kind", "model_path", "resolution", "metrics")}
+                              | {"rewards": (sec(wc.b).get("rdpo") or {}).get("rewards")}),
     log:
         "logs/backbone/{b}.check.log",
     benchmark:
