@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError, EPDError
+from ..progress import Heartbeat
 from .digits import NUM_CLASSES, DigitsSplit, load_safetensors_checked, read_meta, save_model, to_base_resolution
 
 __all__ = ["DigitsClassifierConfig", "DigitsClassifier", "train_classifier", "save_classifier", "load_classifier",
@@ -136,7 +137,9 @@ def _train_classifier(split: DigitsSplit, cfg: DigitsClassifierConfig) -> tuple[
     opt = torch.optim.AdamW(clf.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     g = torch.Generator().manual_seed(cfg.seed)
     clf.train()
+    beat = Heartbeat("digits classifier", cfg.steps)
     for step in range(cfg.steps):
+        beat(step)
         idx = torch.randint(0, len(x), (cfg.batch_size,), generator=g)
         xb = x[idx] + cfg.noise_std * torch.randn(x[idx].shape, generator=g)
         lr = cfg.lr * 0.5 * (1 + np.cos(np.pi * step / cfg.steps))

@@ -27,6 +27,7 @@ import torch
 
 from ..errors import ConfigError, EPDError
 from ..io import atomic_path, atomic_write_text, config_hash
+from ..progress import Heartbeat
 from .digits import (DEFAULT_ARCH, FORMAT, FORMAT_VERSION, NULL_CLASS, SIGMA_DATA, DigitsSplit, build_net,
                      load_model, load_split, save_model)
 from .digits_classifier import DigitsClassifierConfig, load_classifier, save_classifier, train_classifier
@@ -337,6 +338,7 @@ def train_denoiser(cfg: DigitsTrainConfig, split: DigitsSplit, out_dir: str | os
     n_eval = min(len(split.x_heldout), len(split.x_train))
     net.train()
     t0 = time.perf_counter() - elapsed
+    beat = Heartbeat("digits denoiser", cfg.steps, start, logger=log)
     with _StopFlag() as flag, open(log_path, "a") as flog, \
             tqdm(total=cfg.steps, initial=start, disable=None if progress else True, desc="digits denoiser",
                  unit="step") as bar:
@@ -345,6 +347,7 @@ def train_denoiser(cfg: DigitsTrainConfig, split: DigitsSplit, out_dir: str | os
             _ema_update(ema, net, min(cfg.ema_decay, (1 + step) / (10 + step)))
             done = step + 1
             bar.update(1)
+            beat(done, loss=losses[-1])
             if done % cfg.log_every == 0 or done == cfg.steps:
                 row = {"step": done, "loss": sum(losses) / len(losses), "lr": _lr_at(cfg, step),
                        "elapsed_s": round(time.perf_counter() - t0, 3)}
