@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from epd.backbones.gmm import GMMBackbone, make_gmm
-from epd.errors import ConfigError, NonFiniteError
+from epd.errors import ConfigError, EPDError, NonFiniteError
 from epd.predictor import EPDTable, uniform_table
 from epd.rdpo.trainer import MultiReward, RDPOConfig, RDPOTrainer, compute_advantages
 
@@ -144,3 +144,51 @@ def test_table_row_shapes_per_image(tmp_path):
     assert row["positions"].shape == (5, 2) and (row["positions"][:, 1] > row["positions"][:, 0]).all()
     assert torch.allclose(row["weights"].sum(1), torch.ones(5))
     _ = EPDTable
+
+
+class _SumReward:
+    """A per-image reward with no batch interaction: the mean pixel."""
+
+    def __call__(self, images, prompts):
+        r = images.flatten(1).double().mean(1)
+        return r, {"mean": r}
+
+
+def _eval_trainer(tmp_path, eval_batch):
+    cfg = RDPOConfig(rollout_batch_size=8, rloo_k=4, minibatch_size=4, steps=1, eval_batch=eval_batch,
+                     rewards={"digits_alignment": 1.0})
+    bb = GMMBackbone(make_gmm(dim=4, num_classes=2, per_class=1, seed=0))
+    return RDPOTrainer(bb, uniform_table(3, 2, meta={"afs": False}), bb.sigmas(3), _SumReward(), ["0", "1"],
+                       ["0", "1"], list(range(10, 17)), cfg, tmp_path / str(eval_batch))
+
+
+def test_held_out_evaluation_is_batched_by_eval_batch_without_changing_scores(tmp_path):
+    """Peak memory follows rdpo.eval_batch; the paired per-seed rewards do not depend on it."""
+    calls = {}
+    results = {}
+    for n in (7, 3, 1):
+        tr = _eval_trainer(tmp_path, n)
+        sizes = []
+        orig = tr._eval_batch
+        tr._eval_batch = lambda table, s, p, orig=orig, sizes=sizes: (sizes.append(len(s)), orig(table, s, p))[1]
+        results[n] = tr.evaluate(tr.start)
+        calls[n] = sizes
+    assert calls == {7: [7], 3: [3, 3, 1], 1: [1] * 7}
+    assert torch.equal(results[7][1], results[3][1]) and torch.equal(results[7][1], results[1][1])
+    with pytest.raises(ConfigError, match="rdpo.eval_batch"):
+        RDPOConfig(eval_batch=0).check()
+
+
+def test_out_of_memory_in_evaluation_names_the_setting(tmp_path):
+    tr = _eval_trainer(tmp_path, 4)
+
+    class OutOfMemoryError(RuntimeError):  # what torch.cuda raises (torch.OutOfMemoryError), by name
+        pass
+
+    def boom(*a, **k):
+        raise OutOfMemoryError("CUDA out of memory. Tried to allocate 10.00 GiB")
+
+    tr._eval_batch = boom
+    with pytest.raises(EPDError, match=r"held-out evaluation: out of GPU memory at rdpo.eval_batch=4 .*lower "
+                                       r"rdpo.eval_batch \(e.g. 2\)"):
+        tr.evaluate(tr.start)

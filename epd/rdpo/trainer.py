@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from ..errors import ConfigError, EPDError, NonFiniteError
 from ..io import atomic_path, atomic_write_bytes, atomic_write_json, load_error_text
+from ..memory import out_of_memory_names
 from ..predictor import EPDTable, save
 from ..solvers.epd import sample_epd
 from .policy import EPDParamPolicy
@@ -74,6 +75,7 @@ class RDPOConfig:
     save_interval: int = 50
     log_interval: int = 1
     eval_interval: int = 50
+    eval_batch: int = 256
     guard_metric: str | None = None
     guard_max_ratio: float = 1.05
     seed: int = 0
@@ -106,6 +108,8 @@ class RDPOConfig:
     def check(self) -> None:
         if self.rloo_k < 2:
             raise ConfigError(f"rdpo.rloo_k: leave-one-out needs k >= 2, got {self.rloo_k}")
+        if self.eval_batch < 1:
+            raise ConfigError(f"rdpo.eval_batch: must be >= 1, got {self.eval_batch}")
         if self.rollout_batch_size % self.rloo_k:
             raise ConfigError(f"rdpo.rollout_batch_size ({self.rollout_batch_size}) must be divisible by "
                               f"rloo_k ({self.rloo_k})")
@@ -178,7 +182,7 @@ class RDPOTrainer:
 
     def __init__(self, backbone, start_table: EPDTable, sigmas: torch.Tensor, reward, train_prompts: list[str],
                  eval_prompts: list[str], eval_seeds: list[int], cfg: RDPOConfig, out_dir: str | Path,
-                 rank: int = 0, world: int = 1, run=None, batch_eval: int = 256, guard=None):
+                 rank: int = 0, world: int = 1, run=None, guard=None):
         cfg.check()
         if start_table.num_steps != len(sigmas):
             raise ConfigError(f"start table has num_steps={start_table.num_steps}, grid has {len(sigmas)} points")
@@ -187,7 +191,7 @@ class RDPOTrainer:
             log.warning("%d held-out evaluation prompts also appear in the rollout stream", len(overlap))
         self.bb, self.start, self.sigmas, self.reward = backbone, start_table, sigmas, reward
         self.train_prompts, self.eval_prompts, self.eval_seeds = train_prompts, eval_prompts, eval_seeds
-        self.cfg, self.out, self.rank, self.world, self.run, self.batch_eval = cfg, Path(out_dir), rank, world, run, batch_eval
+        self.cfg, self.out, self.rank, self.world, self.run = cfg, Path(out_dir), rank, world, run
         self.guard, self.guard_ref, self.last_guard = guard, None, None
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "checkpoints").mkdir(exist_ok=True)
@@ -307,23 +311,28 @@ class RDPOTrainer:
 
         prompts = pair(self.eval_prompts, self.eval_seeds)
         rs, imgs = [], []
-        for i in range(0, len(self.eval_seeds), self.batch_eval):
-            s, p = self.eval_seeds[i:i + self.batch_eval], prompts[i:i + self.batch_eval]
-            labels = [f"held-out evaluation after RDPO step {self.step}, seed {a}, prompt {b!r}" for a, b in zip(s, p)]
-            x = self.bb.noise(s, sigma=float(self.sigmas[0]))
-            out = sample_epd(self.bb.denoiser, x, self.sigmas.to(x.dtype), cond=self.bb.prepare(p), table=table,
-                             context=labels)
-            images = self.bb.decode(out.x)
-            r = self.reward(images, p)[0]
-            bad = (~torch.isfinite(r)).nonzero().flatten().tolist()
-            if bad:
-                raise NonFiniteError(f"reward is NaN/inf in the {labels[bad[0]]}")
+        n = self.cfg.eval_batch
+        for i in range(0, len(self.eval_seeds), n):
+            with out_of_memory_names("rdpo.eval_batch", n, "the held-out evaluation"):
+                r, images = self._eval_batch(table, self.eval_seeds[i:i + n], prompts[i:i + n])
             rs.append(r)
             if self.guard is not None:
-                imgs.append(images)
+                imgs.append(images.cpu())
         r = torch.cat(rs)
         self.last_guard = float(self.guard(torch.cat(imgs))) if self.guard is not None else None
         return float(r.mean()), r
+
+    def _eval_batch(self, table: EPDTable, seeds: list[int], prompts: list[str]):
+        labels = [f"held-out evaluation after RDPO step {self.step}, seed {a}, prompt {b!r}" for a, b in zip(seeds, prompts)]
+        x = self.bb.noise(seeds, sigma=float(self.sigmas[0]))
+        out = sample_epd(self.bb.denoiser, x, self.sigmas.to(x.dtype), cond=self.bb.prepare(prompts), table=table,
+                         context=labels)
+        images = self.bb.decode(out.x)
+        r = self.reward(images, prompts)[0]
+        bad = (~torch.isfinite(r)).nonzero().flatten().tolist()
+        if bad:
+            raise NonFiniteError(f"reward is NaN/inf in the {labels[bad[0]]}")
+        return r.detach().cpu(), images
 
     def _guard_ok(self) -> bool:
         if self.guard is None or self.guard_ref is None or self.last_guard is None:
