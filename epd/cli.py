@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
+import time
 
 from .errors import EPDError
 
@@ -79,12 +81,31 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     mod = importlib.import_module(args._module)
+    t0 = time.perf_counter()
     try:
         rc = mod.run(args)
     except EPDError as e:
         print(f"epd {' '.join(args._words)}: error: {e}", file=sys.stderr)
         return 2
+    _record_resources(args._words, time.perf_counter() - t0)
     return int(rc or 0)
+
+
+def _record_resources(words: tuple, wall_s: float) -> None:
+    """Log the command's wall time and, where it used a GPU, peak allocated/reserved memory; with
+    ``$EPD_RESOURCE_LOG`` set, append them as one JSON line there (the GPU study collects them per stage)."""
+    row = {"command": " ".join(words), "wall_s": round(wall_s, 3),
+           "rule": os.environ.get("SNAKEMAKE_RULE"), "wildcards": os.environ.get("SNAKEMAKE_WILDCARDS")}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        row.update(gpu=torch.cuda.get_device_name(), peak_alloc_gib=torch.cuda.max_memory_allocated() / 2**30,
+                   peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
+        logging.getLogger("epd").info("GPU peak memory: %.2f GiB allocated, %.2f GiB reserved (%s)",
+                                      row["peak_alloc_gib"], row["peak_reserved_gib"], row["gpu"])
+    path = os.environ.get("EPD_RESOURCE_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

@@ -105,3 +105,17 @@ def test_heartbeat_logs_at_most_every_interval_and_at_the_end(caplog):
     assert [i + 1 for i, ok in enumerate(logged) if ok] == [30, 60, 90, 100]
     first = caplog.records[0].getMessage()
     assert first.startswith("job: 30/100 (30%), 1 steps/s, 30 s elapsed, ETA 70 s, loss 0.5"), first
+
+
+def test_every_command_appends_its_resources_to_the_log(tmp_path, monkeypatch):
+    import json
+
+    from epd.cli import main
+
+    log = tmp_path / "res.jsonl"
+    monkeypatch.setenv("EPD_RESOURCE_LOG", str(log))
+    monkeypatch.setenv("SNAKEMAKE_RULE", "report")
+    assert main(["metrics", "list"]) == 0 and main(["metrics", "list"]) == 0
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["command"] for r in rows] == ["metrics list"] * 2 and rows[0]["rule"] == "report"
+    assert all(r["wall_s"] >= 0 and "peak_alloc_gib" not in r for r in rows)  # no GPU used here
