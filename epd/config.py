@@ -11,7 +11,7 @@ import yaml
 from .errors import ConfigError
 
 __all__ = ["load_config", "backbone_section", "validate", "schema_path", "study_files", "check_study",
-           "skipped_pairs", "ASSETS_DIR", "ASSETS_FETCH"]
+           "skipped_pairs", "study_rows", "sample_rows_count", "TABLE_LABELS", "ASSETS_DIR", "ASSETS_FETCH"]
 
 # Where ``epd assets fetch`` puts the original system's released files, and the command that brings them.
 ASSETS_DIR = "data/original"
@@ -101,6 +101,33 @@ def study_files(config: dict) -> list[tuple[str, str]]:
     for i, ext in enumerate((config.get("report") or {}).get("external") or []):
         out.append((f"report.external[{i}]", ext.split("=", 1)[-1]))
     return out
+
+
+TABLE_LABELS = ("epd_distilled", "epd_rdpo")
+
+
+def study_rows(sec: dict) -> list[tuple[str, int]]:
+    """The ``(solver label, NFE)`` rows a backbone section samples and evaluates: each solver at each NFE it can
+    run, the distilled and RDPO tables at theirs, and each released table (``released_<label>``, NFE 0)."""
+    from .solvers import steps_for_nfe
+
+    def runs(solver, nfe, afs=True):
+        try:
+            steps_for_nfe(solver, int(nfe), afs)
+            return True
+        except ConfigError:
+            return False
+
+    afs = (sec.get("student") or {}).get("afs", True)
+    rows = [(s, n) for s in sec["solvers"] for n in sec["nfes"] if runs(s, n)]
+    rows += [("epd_distilled", n) for n in sec.get("distill_nfes", sec["nfes"]) if runs("epd", n, afs)]
+    rows += [("epd_rdpo", n) for n in sec.get("rdpo_nfes", []) if runs("epd", n, afs)]
+    rows += [(f"released_{label}", 0) for label in sec.get("predictors") or {}]
+    return rows
+
+
+def sample_rows_count(sec: dict) -> int:
+    return len(study_rows(sec))
 
 
 def skipped_pairs(config: dict) -> dict[str, list[str]]:

@@ -119,3 +119,15 @@ def test_every_command_appends_its_resources_to_the_log(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["command"] for r in rows] == ["metrics list"] * 2 and rows[0]["rule"] == "report"
     assert all(r["wall_s"] >= 0 and "peak_alloc_gib" not in r for r in rows)  # no GPU used here
+
+
+def test_study_rows_of_the_default_study():
+    from epd.config import study_rows
+
+    rows = study_rows(load_config("configs/default.yaml")["backbones"]["digits"])
+    base = [(s, n) for s in ("euler", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm") for n in (3, 5, 7, 9)]
+    assert rows == base + [("epd_distilled", n) for n in (3, 5, 7, 9)] + [("epd_rdpo", 5)]
+    sec = dict(load_config("configs/sd15.yaml")["backbones"]["sd15"], nfes=[5, 10])
+    rows = study_rows(sec)
+    assert ("heun", 10) in rows and ("heun", 5) not in rows and ("euler", 5) in rows
+    assert ("epd_distilled", 20) in rows and ("released_original_best", 0) in rows

@@ -9,7 +9,7 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
-from epd.config import check_study
+from epd.config import TABLE_LABELS, check_study, study_rows
 from epd.errors import ConfigError
 
 min_version("9.0")
@@ -45,7 +45,6 @@ def _write_resolved_config():
 _write_resolved_config()
 
 BACKBONES = list(config["backbones"])
-TABLE_LABELS = ("epd_distilled", "epd_rdpo")
 
 
 def sec(b):
@@ -55,16 +54,6 @@ def sec(b):
 def digest(obj):
     """Short hash of a config subsection: a rule's params, so editing that subsection reruns only its dependants."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def valid_nfe(solver, nfe, afs=True):
-    from epd.solvers import steps_for_nfe
-
-    try:
-        steps_for_nfe(solver, int(nfe), afs)
-        return True
-    except Exception:
-        return False
 
 
 def distill_nfes(b):
@@ -77,12 +66,7 @@ def rdpo_nfes(b):
 
 def sample_targets(b):
     """(solver label, nfe) pairs sampled and evaluated for backbone b."""
-    afs = sec(b).get("student", {}).get("afs", True)
-    pairs = [(s, n) for s in sec(b)["solvers"] for n in sec(b)["nfes"] if valid_nfe(s, n)]
-    pairs += [("epd_distilled", n) for n in distill_nfes(b) if valid_nfe("epd", n, afs)]
-    pairs += [("epd_rdpo", n) for n in rdpo_nfes(b) if valid_nfe("epd", n, afs)]
-    pairs += [(f"released_{label}", 0) for label in sec(b).get("predictors", {})]
-    return pairs
+    return study_rows(sec(b))
 
 
 def expected_rows():
