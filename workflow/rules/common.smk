@@ -74,7 +74,12 @@ def expected_rows():
 
 
 def needs_reference(b):
-    return "rmse_vs_teacher" in sec(b)["metrics"]
+    """The high-NFE reference solve: the RMSE reference, and the image set FID-type metrics compare with."""
+    return "rmse_vs_teacher" in sec(b)["metrics"] or fid_vs_reference(b)
+
+
+def fid_vs_reference(b):
+    return "fid_clean" in sec(b)["metrics"]
 
 
 def all_targets():

@@ -12,7 +12,8 @@ rule evaluate:
         metrics=lambda wc: ",".join(sec(wc.b)["metrics"]),
         weights=lambda wc: f"--weights-dir {backbone_dir(wc.b)}" if sec(wc.b)["kind"] == "digits" else "",
         reference=lambda wc: (f"--reference-latents {RESULTS}/{wc.b}/samples/reference/latents.safetensors"
-                              if needs_reference(wc.b) else ""),
+                              if "rmse_vs_teacher" in sec(wc.b)["metrics"] else ""),
+        fid_ref=lambda wc: f"--fid-ref {RESULTS}/{wc.b}/samples/reference" if fid_vs_reference(wc.b) else "",
         device=config["run"]["device"],
     log:
         "logs/evaluate/{b}_{solver}_nfe{nfe}.log",
@@ -26,5 +27,5 @@ rule evaluate:
         "../../environment.yml"
     shell:
         "epd evaluate --images {params.images} "
-        "--metrics {params.metrics} {params.weights} {params.reference} --device {params.device} "
+        "--metrics {params.metrics} {params.weights} {params.reference} {params.fid_ref} --device {params.device} "
         "--backbone {wildcards.b} --out-dir {params.outdir} > {log} 2>&1"

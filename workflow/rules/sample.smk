@@ -42,7 +42,7 @@ rule sample_reference:
         outdir=lambda wc, output: str(Path(output[0]).parent),
         cfg=lambda wc: digest([sec(wc.b).get(k) for k in ("sample", "guidance", "prompts")]),
         weights=lambda wc: weights_flag(wc.b),
-        solver=lambda wc: sec(wc.b)["sample"].get("reference_solver", "heun"),
+        solver=lambda wc: sec(wc.b)["sample"]["reference_solver"],
         steps=lambda wc: sec(wc.b)["sample"]["reference_steps"],
         seeds=lambda wc: sec(wc.b)["sample"]["seeds"],
         batch=lambda wc: sec(wc.b)["sample"]["batch"],
