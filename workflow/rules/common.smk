@@ -172,7 +172,8 @@ wildcard_constraints:
 # offline hub, MLflow on the configured store, one torch thread budget.
 shell.prefix(
     f"set -euo pipefail; export PATH={Path(sys.executable).parent}:$PATH; "
-    "export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DVC_NO_ANALYTICS=1 "
+    + (f"export EPD_WEIGHTS_DIR={Path(config['run']['weights_dir']).resolve()}; " if config["run"].get("weights_dir") else "")
+    + "export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DVC_NO_ANALYTICS=1 "
     f"MLFLOW_TRACKING_URI={config['run']['tracking_uri']} OMP_NUM_THREADS={config['run']['threads']} "
     f"EPD_THREADS={config['run']['threads']}; "
 )
