@@ -251,8 +251,6 @@ class Part:
     build: Callable = field(repr=False)
 
 
-
-
 def _scheduler(name: str) -> Callable:
     cls, cfg = SCHEDULERS[name]
 
@@ -405,7 +403,7 @@ def write_backbone(name: str, root: Path, size: str, seed: int, workers: int | N
                 params[part.name] = n
                 _log(size, f"  {name}/{part.name}: {n / 1e6:.1f}M parameters, {time.time() - t0:.1f} s")
         getattr(diffusers, cls)(**index, **extra).save_config(str(tmp))
-    return {"files": [rel], "params": params, "dtype": str(dtype).replace("torch.", "")}
+    return {"files": [rel], "params": params, "dtype": _name(dtype)}
 
 
 # ---------------------------------------------------------------------- scorers
@@ -681,6 +679,23 @@ def _write_manifest(root: Path, items: dict[str, dict]) -> Path:
     return path
 
 
+# Approximate bytes written per item at full size (bfloat16 weights; CLIP float16, FID float32, as released).
+FULL_BYTES = {"sd15": 2.1e9, "sd3": 15.4e9, "flux": 33.8e9, "hps": 2.0e9, "pickscore": 2.0e9, "imagereward": 0.9e9,
+              "clip": 0.86e9, "aesthetic": 3.5e6, "mps": 2.2e9, "fid": 96e6}
+
+
+def _check_space(root: Path, items: list[str], size: str) -> None:
+    """Stop before writing when the file system of ``root`` cannot hold the full-size items (a half-written
+    30 GB folder helps nobody)."""
+    if size != "full":
+        return
+    need = sum(FULL_BYTES[i] for i in items) * 1.02
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise EPDError(f"{root}: about {need / 1e9:.1f} GB needed for {', '.join(items)} at full size, "
+                       f"{free / 1e9:.1f} GB free; write fewer items at a time (--backbones/--scorers) or elsewhere")
+
+
 def _check_names(kind: str, names, known: tuple[str, ...]) -> list[str]:
     names = list(names)
     unknown = [n for n in names if n not in known]
@@ -712,6 +727,10 @@ def write_fake_weights(root: str | os.PathLike, size: str, backbones=BACKBONES, 
     if size not in SIZES:
         raise ConfigError(f"--size: expected one of {', '.join(SIZES)}, got {size!r}")
     items = _check_names("backbones", backbones, BACKBONES) + _check_names("scorers", scorers, SCORERS)
+    if not items:
+        raise ConfigError("nothing to write: --backbones and --scorers are both empty")
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers: expected a positive number of threads, got {workers}")
     root = Path(root)
     existing = [rel for rel in planned_paths(items) if (root / rel).exists() or (root / rel).is_symlink()]
     if existing and not force:
@@ -720,6 +739,7 @@ def write_fake_weights(root: str | os.PathLike, size: str, backbones=BACKBONES, 
                        "with random weights)")
     earlier = _earlier_items(root)
     root.mkdir(parents=True, exist_ok=True)
+    _check_space(root, items, size)
     records = {}
     for item in items:
         t0 = time.time()
@@ -728,9 +748,9 @@ def write_fake_weights(root: str | os.PathLike, size: str, backbones=BACKBONES, 
         rec = {"size": size, "seed": seed, **rec, "total_params": sum(rec["params"].values())}
         rec["bytes"] = _bytes(root, rec["files"])
         records[item] = rec
+        _write_manifest(root, {**earlier, **records})  # after each item: an interrupted run's files are marked too
         log(f"{item}: {rec['total_params'] / 1e6:.1f}M random parameters ({rec['dtype']}), "
             f"{rec['bytes'] / 1e6:.1f} MB in {', '.join(rec['files'])} ({time.time() - t0:.1f} s)")
-    _write_manifest(root, {**earlier, **records})
     return records
 
 

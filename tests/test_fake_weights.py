@@ -252,3 +252,21 @@ def test_full_size_tokenizers_and_one_small_component(tmp_path):
     sd = torch.load(tmp_path / rec["files"][0], weights_only=True)
     mlp = 768 * 1024 + 1024 + 1024 * 128 + 128 + 128 * 64 + 64 + 64 * 16 + 16 + 16 + 1
     assert sd["layers.0.weight"].shape == (1024, 768) and rec["params"]["mlp"] == mlp
+
+
+@pytest.mark.parametrize("name", fw.BACKBONES)
+def test_full_size_disk_estimate_matches_the_architectures(name):
+    _, parts, _ = fw.backbone_parts(name, "full")
+    n = sum(fw.count_parameters(p.build) for p in parts if p.kind == "model")
+    assert fw.FULL_BYTES[name] == pytest.approx(2 * n, rel=0.03)  # bfloat16
+
+
+def test_full_size_stops_early_without_disk_space(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(100e9, 99e9, 1e9))
+    assert main(["weights", "fake", "--out", str(tmp_path / "w"), "--size", "full", "--backbones", "flux",
+                 "--scorers", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "about 34.5 GB needed for flux at full size, 1.0 GB free" in err
+    assert not [p for p in (tmp_path / "w").rglob("*")]
