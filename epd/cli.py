@@ -25,6 +25,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("bench", "rdpo"), "epd.bench.rdpo", "RDPO vs distilled table on held-out prompts"),
     (("backbone", "train"), "epd.backbones.digits_train", "train the embedded digits backbone"),
     (("backbone", "check"), "epd.backbones.check", "resolve a backbone's weights (fails listing missing files)"),
+    (("weights", "fake"), "epd.fake_weights", "write RANDOM-weight stand-ins (tiny or full) in the weights layout"),
     (("teacher",), "epd.teacher", "generate teacher trajectories on a student grid"),
     (("distill",), "epd.distill", "Stage 1: distil an EPD table from teacher trajectories"),
     (("rdpo",), "epd.rdpo.cli", "Stage 2: RDPO fine-tuning of an EPD table"),

@@ -5,9 +5,14 @@ the hub; here all three come from local paths (:mod:`epd.backbones.weights`), th
 local ``vocab.txt`` with the same ``[DEC]``/``[ENC]`` specials, and the checkpoint loads strictly (the package
 loads with ``strict=False``, which would silently accept a wrong file).
 
-The vision transformer's size is read from the checkpoint (``ViT-L/16`` at 224 px for the release), so tiny test
-checkpoints build the matching architecture. Scoring is the package's ``score`` batched: prompts tokenised to
-35 tokens, BLIP image-grounded text encoder, ``[CLS]`` feature, MLP, then
+The architecture is read from the files themselves, so smaller checkpoints (tests, the random stand-ins of
+``epd weights fake``) load with no extra argument: the vision transformer's size from the checkpoint's tensor shapes
+(``ViT-L/16`` at 224 px for the release), the BLIP text encoder from ``med_config.json`` (BERT-base for the
+release), and the reward head's input width from ``mlp.layers.0.weight`` (768 for the release, which the package
+hard-codes as ``MLP(768)``; any other width replaces that head by the package's ``MLP`` of the checkpoint's width).
+
+Scoring is the package's ``score`` batched: prompts tokenised to 35 tokens, BLIP image-grounded text encoder,
+``[CLS]`` feature, MLP, then
 
 * ``convention="official"`` (registered ``imagereward``): ``(raw - 0.16717) / 1.03334``;
 * ``convention="rlepd"`` (registered ``imagereward_rlepd``): the original RLEPD scorer's value,
@@ -24,9 +29,11 @@ import torch
 from ..errors import EPDError
 from .base import ImageScorer, WrongWeightsError, check_state_dict, load_checkpoint
 
-__all__ = ["ImageRewardScorer", "make_imagereward", "vit_spec_from_state_dict", "build_imagereward_model"]
+__all__ = ["ImageRewardScorer", "make_imagereward", "vit_spec_from_state_dict", "build_imagereward_model",
+           "mlp_width_from_state_dict", "RELEASE_MLP_WIDTH"]
 
 _PREFIX = "blip.visual_encoder."
+RELEASE_MLP_WIDTH = 768  # ImageReward-v1.0: BERT-base text encoder -> MLP(768)
 
 
 def vit_spec_from_state_dict(sd: dict, heads: int | None = None) -> dict:
@@ -74,15 +81,25 @@ def _patched(obj, name, value):
         setattr(obj, name, old)
 
 
-def build_imagereward_model(med_config, bert_dir, vit: dict):
+def mlp_width_from_state_dict(sd: dict) -> int:
+    """Input width of the reward head (``mlp.layers.0.weight`` is ``(1024, width)``); 768, the release's, when the
+    key is absent (the strict load then names it as missing)."""
+    w = sd.get("mlp.layers.0.weight")
+    return int(w.shape[1]) if isinstance(w, torch.Tensor) and w.ndim == 2 else RELEASE_MLP_WIDTH
+
+
+def build_imagereward_model(med_config, bert_dir, vit: dict, mlp_width: int = RELEASE_MLP_WIDTH):
     """Construct the package's ``ImageReward`` module offline (random weights).
 
     Args:
         med_config: local ``med_config.json``.
         bert_dir: local folder with the BERT ``vocab.txt``.
         vit (`dict`): ViT size from :func:`vit_spec_from_state_dict`.
+        mlp_width (`int`): reward-head input width (the text encoder's ``hidden_size``); the package's own head is
+            ``MLP(768)`` and is replaced by ``MLP(mlp_width)`` when they differ.
     """
     import ImageReward.models.BLIP.blip_pretrain as bp
+    from ImageReward.ImageReward import MLP
     from ImageReward.ImageReward import ImageReward as IRModel
     from ImageReward.models.BLIP.vit import VisionTransformer
 
@@ -96,9 +113,12 @@ def build_imagereward_model(med_config, bert_dir, vit: dict):
 
     with _patched(bp, "create_vit", create_vit), _patched(bp, "init_tokenizer", lambda: _local_tokenizer(bert_dir)):
         try:
-            return IRModel(med_config=str(med_config), device="cpu")
+            model = IRModel(med_config=str(med_config), device="cpu")
         except (ValueError, OSError, TypeError) as e:  # unreadable med_config.json
             raise EPDError(f"{med_config}: cannot build ImageReward from this med_config ({e})") from None
+    if mlp_width != model.mlp.input_size:
+        model.mlp = MLP(mlp_width)
+    return model
 
 
 class ImageRewardScorer(ImageScorer):
@@ -154,7 +174,8 @@ def make_imagereward(weights_dir=None, device="cpu", convention: str = "official
         vit = vit_spec_from_state_dict(sd, vit_heads)
     except WrongWeightsError as e:
         raise WrongWeightsError(f"{p['imagereward']}: {e}") from None
-    model = build_imagereward_model(p["imagereward_med_config"], p["imagereward_bert"], vit)
+    model = build_imagereward_model(p["imagereward_med_config"], p["imagereward_bert"], vit,
+                                    mlp_width_from_state_dict(sd))
     check_state_dict(model, sd, p["imagereward"], "ImageReward-v1.0",
                      optional_prefixes=("blip.vision_proj.", "blip.text_proj."))
     if model.blip.text_encoder.config.vocab_size < len(model.blip.tokenizer):
