@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from .backbones.base import Prepared, repeat_cond
+from .denoiser import Prepared, repeat_cond
 from .errors import ConfigError
 from .solvers.common import SolverOutput, check_final_finite, check_sigmas, to_d
 from .solvers.epd import epd_points
@@ -157,7 +157,7 @@ class CUDAGraphDenoiser:
     """A denoiser whose calls replay CUDA graphs, one per input shape.
 
     Args:
-        inner: the :class:`~epd.backbones.base.Denoiser` (it must not synchronise with the host).
+        inner: the :class:`~epd.denoiser.Denoiser` (it must not synchronise with the host).
         warmup (`int`): eager warm-up runs before each capture.
         clone_output (`bool`): return a copy of the static output (safe to keep across calls); ``False`` returns
             the static buffer itself, valid until the next call with the same shape.

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
+from ..denoiser import Prepared
 from ..errors import ConfigError
-from .base import Prepared
 from .weights import MissingWeightsError
 
 __all__ = ["parse_settings", "settings_from_section", "resolve_dtype", "check_weights_folder", "missing_files",

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from ..denoiser import Prepared
 from ..errors import ConfigError
-from .base import Prepared
 from .diffusers_common import (DiffusersBackbone, FlowDenoiser, check_offload, check_prompts, check_weights_folder,
                                default_flow_schedule, parse_settings, place, resolve_dtype, settings_from_section,
                                table_value, warn_truncation)

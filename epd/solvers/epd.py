@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backbones.base import repeat_cond
+from ..denoiser import repeat_cond
 from ..errors import ConfigError
 from .common import SolverOutput, check_sigmas, new_counter, sig, to_d
 from .multistep import ab_combine
@@ -45,7 +45,7 @@ def sample_epd(denoiser, x, sigmas, *, cond=None, table=None, callback=None, afs
     """Sample with the EPD solver.
 
     Args:
-        denoiser: a :class:`~epd.backbones.base.Denoiser`.
+        denoiser: a :class:`~epd.denoiser.Denoiser`.
         x (`torch.Tensor`): initial state at ``sigmas[0]`` (``sigma_max * z`` in EDM coordinates).
         sigmas (`torch.Tensor`): the ``N`` grid points, strictly decreasing and positive; ``N`` must equal the
             table's ``num_steps``.
