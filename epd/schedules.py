@@ -6,7 +6,8 @@ unless the name says so), in the coordinates of the backbone they are meant for.
 * :func:`logsnr` — uniform in log-sigma.
 * :func:`discrete_vp` — the original's ``discrete`` spacing for SD1.5-style VP models (continuous VP time from a
   discrete ``alphas_cumprod`` table); :func:`vp_spacing` — diffusers' ``leading``/``trailing``/``linspace`` spacings.
-* Flow matching lives in :mod:`epd.backbones.flow_schedules` and is re-exported here when available.
+* Flow matching (SD3/FLUX shifts, in flow time) lives in :mod:`epd.flow_schedules`; its grid functions are
+  re-exported here so that every grid is reachable from this module.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import math
 import torch
 
 from .errors import ConfigError
+from .flow_schedules import FLOW_SCHEDULES, calculate_flux_mu, dpm_flow_sigmas, flux_sigmas, sd3_sigmas
 
 __all__ = ["edm_polynomial", "time_uniform", "logsnr", "scaled_linear_alphas_cumprod", "VPTable", "discrete_vp",
            "vp_spacing", "get_schedule", "SCHEDULES", "sd3_sigmas", "flux_sigmas", "dpm_flow_sigmas",
@@ -154,9 +156,6 @@ def vp_spacing(num_steps: int, alphas_cumprod: torch.Tensor | None = None, spaci
     ab = ac[ts]
     return ts, torch.sqrt((1 - ab) / ab)
 
-
-from .backbones.flow_schedules import (  # noqa: E402  (flow grids live with the flow adapters)
-    FLOW_SCHEDULES, calculate_flux_mu, dpm_flow_sigmas, flux_sigmas, sd3_sigmas)
 
 SCHEDULES = ("edm", "polynomial", "logsnr", "time_uniform", "discrete") + FLOW_SCHEDULES
 

@@ -1,4 +1,5 @@
-"""Flow-matching time grids for SD3 and FLUX (spec §2), in native flow time ``t`` (``x_t = (1 - t) x0 + t eps``).
+"""Flow-matching time grids for SD3 and FLUX (spec §2), in native flow time ``t`` (``x_t = (1 - t) x0 + t eps``);
+core grids beside :mod:`epd.schedules` (which re-exports them), used by the SD3/FLUX adapters.
 
 Three families, each for ``num_points`` grid points (both ends counted):
 
@@ -21,7 +22,7 @@ import math
 
 import torch
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 __all__ = ["FLOW_SCHEDULES", "calculate_flux_mu", "static_shift", "dynamic_shift", "sd3_sigmas", "flux_sigmas",
            "dpm_flow_sigmas", "flow_to_edm", "edm_to_flow"]
