@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, EPDError
-from .predictor import EPDTable
+from .table import EPDTable
 
 __all__ = ["load_legacy_pickle", "read_legacy_pickle", "decode_predictor", "BACKEND_TO_BACKBONE",
            "backend_defaults", "MAX_FILE_BYTES"]
@@ -368,7 +368,7 @@ def _sha1(src) -> str | None:
 
 
 def decode_predictor(obj: dict, source: str = "<memory>") -> EPDTable:
-    """Turn the raw object tree of :func:`read_legacy_pickle` into an :class:`~epd.predictor.EPDTable`.
+    """Turn the raw object tree of :func:`read_legacy_pickle` into an :class:`~epd.table.EPDTable`.
 
     Positions ``sigmoid(r_params)``, weights ``softmax(weight_s)``, scales ``(1 - s) + 2 s sigmoid(p / 2)`` only
     where the snapshot's range ``s > 0`` (``fcn`` forces the last step's ``c`` to 1). Rows are sorted by
@@ -463,7 +463,7 @@ def load_legacy_pickle(path: str | Path) -> EPDTable:
         path (`str` or `Path`): the ``.pkl`` file (any of the three historical layouts, RLEPD or ICCV).
 
     Returns:
-        :class:`~epd.predictor.EPDTable` with metadata mapped to this package's names (``backend`` ldm/sd3/flux ->
+        :class:`~epd.table.EPDTable` with metadata mapped to this package's names (``backend`` ldm/sd3/flux ->
         ``backbone`` sd15/sd3/flux, ``coords`` ``"flow"`` for SD3/FLUX) and provenance holding the raw parameter
         tables, the reordered rows, where each metadata field came from and, for Stage-1 snapshots, the
         reference schedule ``reference_t_steps`` stored in the ``loss_fn``.

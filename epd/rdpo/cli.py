@@ -22,9 +22,10 @@ def setup(cfg: dict, backbone_name: str, init: str, weights: str | None, device:
     from ..backbones import load_backbone
     from ..config import backbone_section
     from ..io import parse_seeds
-    from ..predictor import check_compatible, load
+    from ..predictor import load
     from ..prompts import resolve_prompts
     from ..sample import resolve_grid
+    from ..table import check_compatible
     from .trainer import MultiReward, RDPOConfig
 
     sec = backbone_section(cfg, backbone_name)
