@@ -43,7 +43,8 @@ class Backbone(Protocol):
         every device), scaled to the denoiser's coordinates."""
 
     def sigmas(self, num_points: int, schedule: str | None = None, **kw) -> torch.Tensor:
-        """The ``num_points`` grid (decreasing, ending above 0) in the denoiser's coordinates."""
+        """The grid of ``num_points`` = ``N`` points (``N - 1`` steps; decreasing, ending above 0) in the denoiser's
+        coordinates. (The keyword is the adapters' own name for ``N``.)"""
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``(B, 3, H, W)`` in ``[0, 1]`` from final states."""
