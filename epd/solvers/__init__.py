@@ -2,7 +2,11 @@
 
 ``sample_<name>(denoiser, x, sigmas, *, cond=None, table=None, callback=None, **options) -> SolverOutput``
 
-Use :func:`get_solver` / :func:`solve` to pick one by name.
+Use :func:`get_solver` / :func:`solve` to pick one by name. Every solver keeps one contract
+(tests/test_solver_contract.py): ``paper_nfe`` is :func:`paper_nfe` of the grid, ``callback(info)`` runs once per
+step with ``info`` keys ``i``, ``x``, ``sigma``, ``sigma_next`` and ``denoised`` (baselines) or ``points`` (table
+solvers: the K intermediate noise levels, ``(B, K)``), ``return_trajectory`` gives the ``N`` states, the input
+dtype is kept, and only :data:`TABLE_SOLVERS` take a table (they raise ConfigError without one; baselines ignore it).
 """
 
 from __future__ import annotations
