@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from epd.io import atomic_write_json  # noqa: E402
-from epd.predictor import uniform_table  # noqa: E402
+from epd.table import uniform_table  # noqa: E402
 from epd.solvers import solve  # noqa: E402
 
 # Architectures of the released checkpoints (their config.json), built with random weights.

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_common import (CASES, TINY_CASES, Results, base_row, grid, machine_info, make_case, med, summary,  # noqa: E402
                         time_ms)
 
-from epd.backbones.base import repeat_cond  # noqa: E402
+from epd.denoiser import repeat_cond  # noqa: E402
 from epd.graphs import CUDAGraphDenoiser  # noqa: E402
 
 KS = (1, 2, 3, 4)

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from epd.backbones.base import Prepared  # noqa: E402
+from epd.denoiser import Prepared  # noqa: E402
 from epd.io import atomic_write_json  # noqa: E402
 
 # Architectures of the released checkpoints (config.json), random weights.

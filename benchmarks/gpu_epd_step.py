@@ -43,7 +43,7 @@ from gpu_common import (CASES, FULL, TINY, TINY_CASES, Results, base_row, build_
 
 from epd.graphs import CUDAGraphDenoiser, GraphedEPDSampler, GraphedEulerSampler, StaticGraph  # noqa: E402
 from epd.parallel import PointParallelDenoiser, init_point_parallel  # noqa: E402
-from epd.predictor import uniform_table  # noqa: E402
+from epd.table import uniform_table  # noqa: E402
 from epd.solvers import solve  # noqa: E402
 
 KS = (1, 2, 3, 4)

@@ -37,7 +37,7 @@ from gpu_common import (CASES, SD_BETAS, TINY_CASES, Results, base_row, grid, ma
                         noise, sigma_scale, state_shape, summary, time_ms)
 
 from epd.graphs import CUDAGraphDenoiser, GraphedEPDSampler, GraphedEulerSampler  # noqa: E402
-from epd.predictor import uniform_table  # noqa: E402
+from epd.table import uniform_table  # noqa: E402
 from epd.solvers import solve, steps_for_nfe  # noqa: E402
 
 NFE = 10

@@ -24,8 +24,9 @@ from tqdm import tqdm
 
 from .errors import ConfigError, EPDError, NonFiniteError
 from .io import atomic_write_bytes, atomic_write_text, config_hash, load_error_text
-from .predictor import EPDTable, save, uniform_table
+from .predictor import save
 from .solvers.epd import sample_epd
+from .table import EPDTable, uniform_table
 
 log = logging.getLogger(__name__)
 

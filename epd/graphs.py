@@ -24,10 +24,12 @@ from typing import Any, Callable
 
 import torch
 
-from .backbones.base import Prepared, repeat_cond
+from .denoiser import Prepared, repeat_cond
 from .errors import ConfigError
 from .solvers.common import SolverOutput, check_final_finite, check_sigmas, to_d
-from .solvers.epd import epd_points
+from .solvers.epd import (ROW_KEYS, check_table_grid, epd_combine, epd_points, epd_step, probe_direction,
+                          require_table, resolve_afs, stack_points, table_row, unstack_points)
+from .solvers.nfe import paper_nfe
 
 __all__ = ["StaticGraph", "CUDAGraphDenoiser", "GraphedEPDSampler", "GraphedEulerSampler", "graphs_usable"]
 
@@ -157,7 +159,7 @@ class CUDAGraphDenoiser:
     """A denoiser whose calls replay CUDA graphs, one per input shape.
 
     Args:
-        inner: the :class:`~epd.backbones.base.Denoiser` (it must not synchronise with the host).
+        inner: the :class:`~epd.denoiser.Denoiser` (it must not synchronise with the host).
         warmup (`int`): eager warm-up runs before each capture.
         clone_output (`bool`): return a copy of the static output (safe to keep across calls); ``False`` returns
             the static buffer itself, valid until the next call with the same shape.
@@ -306,10 +308,11 @@ class _GraphedSampler:
 class GraphedEPDSampler(_GraphedSampler):
     """EPD sampling (:func:`epd.solvers.epd.sample_epd`, parallel points, no plugin) with graphed steps.
 
-    The arithmetic is that of ``sample_epd`` term for term, so on the CPU (eager fallback) the result is
-    bitwise the same, and on CUDA the same up to kernel choice. Each step is one graph replay (two around the
-    all-gather with a :class:`~epd.parallel.PointParallelDenoiser`), preceded by two device-to-device copies
-    (the step's packed parameters and the new state). NaN/inf is checked once at the end, not per call.
+    The step is the one of ``sample_epd``: the same functions of :mod:`epd.solvers.epd`, so on the CPU (eager
+    fallback) the result is bitwise the same, and on CUDA the same up to kernel choice. Each step is one graph
+    replay (two around the all-gather with a :class:`~epd.parallel.PointParallelDenoiser`), preceded by two
+    device-to-device copies (the step's packed parameters and the new state). NaN/inf is checked once at the
+    end, not per call.
 
     Args:
         denoiser: a denoiser, or a :class:`~epd.parallel.PointParallelDenoiser` around one.
@@ -323,69 +326,53 @@ class GraphedEPDSampler(_GraphedSampler):
     def __init__(self, denoiser, table, *, afs: bool | None = None, warmup: int = 1, enabled: bool | None = None,
                  check_finite: bool = True):
         super().__init__(denoiser, warmup=warmup, enabled=enabled, check_finite=check_finite)
-        if table is None:
-            raise ConfigError("table: the EPD solver needs a parameter table (EPDTable, snapshot path or predictor)")
+        require_table(table)
         self.table = table
-        meta = getattr(table, "meta", {}) or {}
-        self.afs = bool(meta.get("afs") or False) if afs is None else bool(afs)
+        self.afs = resolve_afs(table, afs)
 
     def prepare(self, x, sigmas, cond=None):
         sigmas = check_sigmas(torch.as_tensor(sigmas), allow_final_zero=False)
-        table_steps = getattr(self.table, "num_steps", None)
-        if table_steps is not None and table_steps != len(sigmas):
-            raise ConfigError(f"sigmas: grid has {len(sigmas)} points but the EPD table has num_steps={table_steps}")
-        B = x.shape[0]
-        n_steps = len(sigmas) - 1
+        check_table_grid(self.table, sigmas)
+        B, n_steps = x.shape[0], len(sigmas) - 1
         sig = sigmas.to(dtype=x.dtype, device=x.device)
-        rows, K = [], None
-        for n in range(n_steps):
-            row = self.table.row(n, dtype=x.dtype, device=x.device)
-            row = {k: (v.expand(B, -1) if v.dim() == 1 else v) for k, v in row.items()}
-            K = row["positions"].shape[1]
-            rows.append(torch.cat([sig[n:n + 2]] + [row[k].reshape(-1) for k in
-                                                    ("positions", "weights", "scale_dir", "scale_time")]))
+        rows = [table_row(self.table, n, x, B) for n in range(n_steps)]
+        K = rows[-1]["positions"].shape[1]
         self._plan = _Plan(B, K, n_steps, self.afs)
         if self.ppd is not None:
             self.ppd.plan(K * B, B)  # K not divisible by the ranks: fail here, before any work
-        self._params = torch.stack(rows)  # (n_steps, 2 + 4 B K)
+        # one packed row per step: (sigma_n, sigma_{n+1}, then each (B, K) table entry flattened): (n_steps, 2 + 4 B K)
+        self._params = torch.stack([torch.cat([sig[n:n + 2]] + [row[k].reshape(-1) for k in ROW_KEYS])
+                                    for n, row in enumerate(rows)])
         self._state = {"x": x.detach().clone(), "p": self._params[0].clone(), "cond": cond}
 
     def _split(self, p):
+        """Unpack a step's parameters: ``(sigma_n, sigma_{n+1}, row of (B, K) tensors)``."""
         B, K = self._plan.B, self._plan.K
-        s, t = p[0], p[1]
-        r = p[2:].reshape(4, B, K)
-        return s, t, {"positions": r[0], "weights": r[1], "scale_dir": r[2], "scale_time": r[3]}
+        r = p[2:].reshape(len(ROW_KEYS), B, K)
+        return p[0], p[1], dict(zip(ROW_KEYS, r))
 
-    def _points(self, x, p, cond, first: bool):
-        """Probe and points: ``(y_flat, s_in_flat, y, s_k)`` for the step with parameters ``p``."""
-        s, t, row = self._split(p)
-        if first:
-            d = x / torch.sqrt(1 + s**2)
-        else:
-            d = to_d(x, s, self.base(x, s.expand(x.shape[0]), cond))
-        s_k, y = epd_points(x, d, s, t, row)
-        s_in = row["scale_time"] * s_k
-        K, B = self._plan.K, self._plan.B
-        return y.transpose(0, 1).reshape(K * B, *x.shape[1:]), s_in.transpose(0, 1).reshape(K * B), y, s_k
-
-    def _update(self, x, p, y, s_k, den):
-        s, t, row = self._split(p)
-        B, K = self._plan.B, self._plan.K
-        den = den.reshape(K, B, *x.shape[1:]).transpose(0, 1)
-        shape = (B, K, *([1] * (x.dim() - 1)))
-        g = (y - den) / s_k.reshape(shape)
-        coef = (row["weights"] * row["scale_dir"]).reshape(shape)
-        return x + (t - s) * (coef * g).sum(1)
+    def _D(self, x, s, cond):
+        """The probe call: one noise level for the whole batch."""
+        return self.base(x, s.expand(x.shape[0]), cond)
 
     def _whole(self, x, p, cond, first: bool):
-        y_flat, s_in, y, s_k = self._points(x, p, cond, first)
-        den = self.base(y_flat, s_in, repeat_cond(cond, self._plan.K))
-        return self._update(x, p, y, s_k, den)
+        s, t, row = self._split(p)
+        d = probe_direction(self._D, x, s, cond, analytic=first)
+        return epd_step(self.base, x, d, s, t, row, repeat_cond(cond, self._plan.K))[0]
 
     def _part_a(self, x, p, cond, first: bool):
-        y_flat, s_in, y, s_k = self._points(x, p, cond, first)
+        """Probe and points; this rank's share of the K-point call (the gather follows outside the graph)."""
+        s, t, row = self._split(p)
+        d = probe_direction(self._D, x, s, cond, analytic=first)
+        s_k, y = epd_points(x, d, s, t, row)
+        y_flat, s_in = stack_points(y, row["scale_time"] * s_k)
         part, plan = self.ppd.local(y_flat, s_in, repeat_cond(cond, self._plan.K), batch=self._plan.B)
         return y, s_k, (part if part is not None else y_flat.new_zeros(0))
+
+    def _part_c(self, x, p, y, s_k, den):
+        """The weighted combination, from the gathered K-point output."""
+        s, t, row = self._split(p)
+        return epd_combine(x, s, t, y, s_k, unstack_points(den, self._plan.B, self._plan.K), row)
 
     def step(self, n: int) -> torch.Tensor:
         """Advance the loaded state by coarse step ``n``; returns the (static) new state."""
@@ -401,7 +388,7 @@ class GraphedEPDSampler(_GraphedSampler):
             y, s_k, part = self._run_segment(("a", first), lambda a, b, c: self._part_a(a, b, c, first),
                                              (st["x"], p, st["cond"]))
             den = self.ppd.gather(part if part.numel() else None, plan, st["x"])
-            x_new = self._run_segment(("c",), lambda a, b, c, d, e, f: self._update(a, b, d, e, f),
+            x_new = self._run_segment(("c",), lambda a, b, c, d, e, f: self._part_c(a, b, d, e, f),
                                       (st["x"], p, None, y, s_k, den), alias=(0, 1, 3, 4))
         return self._commit(x_new)
 
@@ -409,7 +396,8 @@ class GraphedEPDSampler(_GraphedSampler):
         P = self._plan
         probes = P.n_steps - int(P.afs)
         points = probes + P.K * P.n_steps
-        return SolverOutput(x, probes + P.n_steps, points * self.passes_per_eval, 2 * P.n_steps - int(P.afs), [])
+        return SolverOutput(x, probes + P.n_steps, points * self.passes_per_eval,
+                            paper_nfe("epd", P.n_steps + 1, P.afs), [])
 
 
 class GraphedEulerSampler(_GraphedSampler):

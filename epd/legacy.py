@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, EPDError
-from .predictor import EPDTable
+from .table import EPDTable
 
 __all__ = ["load_legacy_pickle", "read_legacy_pickle", "decode_predictor", "BACKEND_TO_BACKBONE",
            "backend_defaults", "MAX_FILE_BYTES"]
@@ -368,7 +368,7 @@ def _sha1(src) -> str | None:
 
 
 def decode_predictor(obj: dict, source: str = "<memory>") -> EPDTable:
-    """Turn the raw object tree of :func:`read_legacy_pickle` into an :class:`~epd.predictor.EPDTable`.
+    """Turn the raw object tree of :func:`read_legacy_pickle` into an :class:`~epd.table.EPDTable`.
 
     Positions ``sigmoid(r_params)``, weights ``softmax(weight_s)``, scales ``(1 - s) + 2 s sigmoid(p / 2)`` only
     where the snapshot's range ``s > 0`` (``fcn`` forces the last step's ``c`` to 1). Rows are sorted by
@@ -377,66 +377,12 @@ def decode_predictor(obj: dict, source: str = "<memory>") -> EPDTable:
     ``provenance["meta_sources"]`` says where each sigma/flow field came from.
     """
     where = f"predictor pickle {source}"
-    model = obj.get("model")
-    if not isinstance(model, dict) or model.get("class_name") != "EPD_predictor":
-        raise EPDError(f"{where}: key 'model' does not hold an EPD_predictor (keys {sorted(map(str, obj))}, "
-                       f"class {model.get('class_name') if isinstance(model, dict) else type(model).__name__!r})")
-    state = model["state"]
-    params = state.get("_parameters")
-    if not isinstance(params, dict):
-        raise EPDError(f"{where}: predictor state has no _parameters dict")
-    raw = {n: _raw(params, n, where) for n in _PARAM_NAMES}
-    for n in ("r_params", "weight_s"):
-        if raw[n] is None:
-            raise EPDError(f"{where}: predictor has no parameter {n}")
-    shape = tuple(raw["r_params"].shape)
-    for n, t in raw.items():
-        if t is not None and tuple(t.shape) != shape:
-            raise EPDError(f"{where}: parameter {n} has shape {tuple(t.shape)}, r_params has {shape}")
-
-    init_kwargs = state.get("_init_kwargs") if isinstance(state.get("_init_kwargs"), dict) else {}
-    attrs = {k: v for k, v in state.items() if not k.startswith("_") and k != "training"}
-    for k in ("num_steps", "num_points"):
-        want = shape[0] + 1 if k == "num_steps" else shape[1]
-        have = attrs.get(k, init_kwargs.get(k))
-        if have is not None and have != want:
-            raise EPDError(f"{where}: metadata {k}={have} contradicts the parameter shape {shape}")
-    backend_config = attrs.get("backend_config") or init_kwargs.get("backend_config") or {}
-    if not isinstance(backend_config, dict):
-        raise EPDError(f"{where}: backend_config is {type(backend_config).__name__}, expected a dict")
-
+    model, raw = _predictor_parameters(obj, where)
+    attrs, init_kwargs, backend_config = _predictor_settings(model["state"], tuple(raw["r_params"].shape), where)
     loss_info = _loss_fn_info(obj["loss_fn"], where) if "loss_fn" in obj else None
-    sources = {}
-    backend = attrs.get("backend", init_kwargs.get("backend"))
-    sources["backbone"] = "attribute" if "backend" in attrs else "init_kwargs"
-    if backend is None and attrs.get("dataset_name") == "ms_coco":
-        backend, sources["backbone"] = "ldm", "inferred from dataset_name=ms_coco (pre-backend layout)"
-    elif backend is None:
-        sources["backbone"] = None
-    if backend is not None and backend not in BACKEND_TO_BACKBONE:
-        raise EPDError(f"{where}: unknown backend {backend!r}; expected one of {sorted(BACKEND_TO_BACKBONE)}")
-    backbone = BACKEND_TO_BACKBONE.get(backend)
-
-    resolution = attrs.get("img_resolution") or init_kwargs.get("img_resolution") or backend_config.get("resolution")
-    defaults = backend_defaults(backend, resolution)
-    meta = {k: _jsonable(v) for k, v in attrs.items() if k not in ("backend", "backend_config")}
-    meta.update(backbone=backbone, backbone_config=_jsonable(backend_config) if backend is not None else None,
-                img_resolution=resolution, coords="flow" if backbone in _FLOW_BACKBONES else "edm")
-    for fld in _SIGMA_FIELDS:
-        meta[fld], sources[fld] = _lookup(fld, attrs, init_kwargs, backend_config, loss_info or {}, defaults)
-    meta.pop("num_steps", None), meta.pop("num_points", None)
-
-    s_dir = float(meta.get("scale_dir") or 0.0)
-    s_time = float(meta.get("scale_time") or 0.0)
-    positions = torch.sigmoid(raw["r_params"].double())
-    weights = torch.softmax(raw["weight_s"].double(), dim=1)
-    scale_dir = _scale(raw["scale_dir_params"], s_dir)
-    scale_time = _scale(raw["scale_time_params"], s_time)
-    if scale_dir is not None and meta.get("fcn"):
-        scale_dir[-1] = 1.0
-    order_changed = (torch.argsort(positions, dim=1) != torch.arange(shape[1])).any(1)
-    positions, weights, scale_dir, scale_time, _ = EPDTable.sort_rows(positions, weights, scale_dir, scale_time)
-
+    backend, sources = _backend(attrs, init_kwargs, where)
+    meta = _decode_meta(attrs, init_kwargs, backend_config, loss_info, backend, sources)
+    positions, weights, scale_dir, scale_time, order_changed = _decode_rows(raw, meta)
     provenance = {
         "source": str(source), "format": "legacy-pkl",
         "layout": "model+loss_fn" if loss_info else "model",
@@ -456,6 +402,85 @@ def decode_predictor(obj: dict, source: str = "<memory>") -> EPDTable:
         raise EPDError(f"{where}: {e}") from None
 
 
+def _predictor_parameters(obj: dict, where: str) -> tuple[dict, dict]:
+    """The ``EPD_predictor`` persistence dict and its raw parameter tensors (all of ``r_params``' shape)."""
+    model = obj.get("model")
+    if not isinstance(model, dict) or model.get("class_name") != "EPD_predictor":
+        raise EPDError(f"{where}: key 'model' does not hold an EPD_predictor (keys {sorted(map(str, obj))}, "
+                       f"class {model.get('class_name') if isinstance(model, dict) else type(model).__name__!r})")
+    params = model["state"].get("_parameters")
+    if not isinstance(params, dict):
+        raise EPDError(f"{where}: predictor state has no _parameters dict")
+    raw = {n: _raw(params, n, where) for n in _PARAM_NAMES}
+    for n in ("r_params", "weight_s"):
+        if raw[n] is None:
+            raise EPDError(f"{where}: predictor has no parameter {n}")
+    shape = tuple(raw["r_params"].shape)
+    for n, t in raw.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise EPDError(f"{where}: parameter {n} has shape {tuple(t.shape)}, r_params has {shape}")
+    return model, raw
+
+
+def _predictor_settings(state: dict, shape: tuple, where: str) -> tuple[dict, dict, dict]:
+    """``(attributes, _init_kwargs, backend_config)`` of the predictor, checked against the parameter shape."""
+    init_kwargs = state.get("_init_kwargs") if isinstance(state.get("_init_kwargs"), dict) else {}
+    attrs = {k: v for k, v in state.items() if not k.startswith("_") and k != "training"}
+    for k in ("num_steps", "num_points"):
+        want = shape[0] + 1 if k == "num_steps" else shape[1]
+        have = attrs.get(k, init_kwargs.get(k))
+        if have is not None and have != want:
+            raise EPDError(f"{where}: metadata {k}={have} contradicts the parameter shape {shape}")
+    backend_config = attrs.get("backend_config") or init_kwargs.get("backend_config") or {}
+    if not isinstance(backend_config, dict):
+        raise EPDError(f"{where}: backend_config is {type(backend_config).__name__}, expected a dict")
+    return attrs, init_kwargs, backend_config
+
+
+def _backend(attrs: dict, init_kwargs: dict, where: str) -> tuple[str | None, dict]:
+    """The original backend name (``ldm``/``sd3``/``flux`` or None) and ``{"backbone": where it came from}``."""
+    sources = {}
+    backend = attrs.get("backend", init_kwargs.get("backend"))
+    sources["backbone"] = "attribute" if "backend" in attrs else "init_kwargs"
+    if backend is None and attrs.get("dataset_name") == "ms_coco":
+        backend, sources["backbone"] = "ldm", "inferred from dataset_name=ms_coco (pre-backend layout)"
+    elif backend is None:
+        sources["backbone"] = None
+    if backend is not None and backend not in BACKEND_TO_BACKBONE:
+        raise EPDError(f"{where}: unknown backend {backend!r}; expected one of {sorted(BACKEND_TO_BACKBONE)}")
+    return backend, sources
+
+
+def _decode_meta(attrs: dict, init_kwargs: dict, backend_config: dict, loss_info: dict | None,
+                 backend: str | None, sources: dict) -> dict:
+    """The table's metadata in this package's names; records in ``sources`` where each sigma/flow field came from."""
+    backbone = BACKEND_TO_BACKBONE.get(backend)
+    resolution = attrs.get("img_resolution") or init_kwargs.get("img_resolution") or backend_config.get("resolution")
+    defaults = backend_defaults(backend, resolution)
+    meta = {k: _jsonable(v) for k, v in attrs.items() if k not in ("backend", "backend_config")}
+    meta.update(backbone=backbone, backbone_config=_jsonable(backend_config) if backend is not None else None,
+                img_resolution=resolution, coords="flow" if backbone in _FLOW_BACKBONES else "edm")
+    for fld in _SIGMA_FIELDS:
+        meta[fld], sources[fld] = _lookup(fld, attrs, init_kwargs, backend_config, loss_info or {}, defaults)
+    meta.pop("num_steps", None), meta.pop("num_points", None)
+    return meta
+
+
+def _decode_rows(raw: dict, meta: dict):
+    """Positions, weights and scales from the raw parameters, rows sorted by position; plus which rows moved."""
+    s_dir = float(meta.get("scale_dir") or 0.0)
+    s_time = float(meta.get("scale_time") or 0.0)
+    positions = torch.sigmoid(raw["r_params"].double())
+    weights = torch.softmax(raw["weight_s"].double(), dim=1)
+    scale_dir = _scale(raw["scale_dir_params"], s_dir)
+    scale_time = _scale(raw["scale_time_params"], s_time)
+    if scale_dir is not None and meta.get("fcn"):
+        scale_dir[-1] = 1.0
+    order_changed = (torch.argsort(positions, dim=1) != torch.arange(positions.shape[1])).any(1)
+    positions, weights, scale_dir, scale_time, _ = EPDTable.sort_rows(positions, weights, scale_dir, scale_time)
+    return positions, weights, scale_dir, scale_time, order_changed
+
+
 def load_legacy_pickle(path: str | Path) -> EPDTable:
     """Load an original EPD predictor snapshot (``network-snapshot-*.pkl``) safely.
 
@@ -463,7 +488,7 @@ def load_legacy_pickle(path: str | Path) -> EPDTable:
         path (`str` or `Path`): the ``.pkl`` file (any of the three historical layouts, RLEPD or ICCV).
 
     Returns:
-        :class:`~epd.predictor.EPDTable` with metadata mapped to this package's names (``backend`` ldm/sd3/flux ->
+        :class:`~epd.table.EPDTable` with metadata mapped to this package's names (``backend`` ldm/sd3/flux ->
         ``backbone`` sd15/sd3/flux, ``coords`` ``"flow"`` for SD3/FLUX) and provenance holding the raw parameter
         tables, the reordered rows, where each metadata field came from and, for Stage-1 snapshots, the
         reference schedule ``reference_t_steps`` stored in the ``loss_fn``.

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from .backbones.base import Prepared, batch_of
+from .denoiser import Prepared, batch_of
 from .errors import ConfigError
 
 __all__ = ["PointParallelDenoiser", "init_point_parallel", "check_world_size", "shard_seeds", "merge_shards",
@@ -134,7 +134,7 @@ def _slice_cond(cond: Any, lo: int, hi: int, m: int, base: int) -> Any:
         if isinstance(cond, Prepared):
             return Prepared({n: t[lo:hi] for n, t in cond.tensors.items()}, cond.extra)
         raise ConfigError(f"cond: cannot split conditioning of type {type(cond).__name__} over ranks; use a Tensor "
-                          f"or epd.backbones.base.Prepared")
+                          f"or epd.denoiser.Prepared")
     if c == base or (m % c == 0 and lo % c == 0 and (hi - lo) % c == 0):
         return cond  # shared by every point: the adapter repeats it to the chunk
     raise ConfigError(f"cond: prepared for {c} samples, cannot serve state rows {lo}:{hi} of {m}")
@@ -144,7 +144,7 @@ class PointParallelDenoiser:
     """Evaluate the K stacked points of a denoiser call on different ranks at once.
 
     Args:
-        inner: the :class:`~epd.backbones.base.Denoiser` on this rank's device (same weights on every rank).
+        inner: the :class:`~epd.denoiser.Denoiser` on this rank's device (same weights on every rank).
         group: a ``torch.distributed`` process group (default: the world group). Without an initialised
             process group, or with one rank, calls go straight to ``inner`` (the one-GPU fallback).
         batch (`int`, *optional*): images per sample ``B``. When None, ``B`` is learnt as the smallest state

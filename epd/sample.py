@@ -19,9 +19,10 @@ from tqdm import tqdm
 
 from .errors import ConfigError, EPDError
 from .io import atomic_path, atomic_write_json, config_hash, parse_seeds, read_json
-from .predictor import check_compatible, load as load_table
+from .predictor import load as load_table
 from .prompts import pair, resolve_prompts
 from .solvers import TABLE_SOLVERS, solve, steps_for_nfe
+from .table import check_compatible
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,8 @@ unless the name says so), in the coordinates of the backbone they are meant for.
 * :func:`logsnr` — uniform in log-sigma.
 * :func:`discrete_vp` — the original's ``discrete`` spacing for SD1.5-style VP models (continuous VP time from a
   discrete ``alphas_cumprod`` table); :func:`vp_spacing` — diffusers' ``leading``/``trailing``/``linspace`` spacings.
-* Flow matching lives in :mod:`epd.backbones.flow_schedules` and is re-exported here when available.
+* Flow matching (SD3/FLUX shifts, in flow time) lives in :mod:`epd.flow_schedules`; its grid functions are
+  re-exported here so that every grid is reachable from this module.
 """
 
 from __future__ import annotations
@@ -17,43 +18,44 @@ import math
 import torch
 
 from .errors import ConfigError
+from .flow_schedules import FLOW_SCHEDULES, calculate_flux_mu, dpm_flow_sigmas, flux_sigmas, sd3_sigmas
 
 __all__ = ["edm_polynomial", "time_uniform", "logsnr", "scaled_linear_alphas_cumprod", "VPTable", "discrete_vp",
            "vp_spacing", "get_schedule", "SCHEDULES", "sd3_sigmas", "flux_sigmas", "dpm_flow_sigmas",
            "calculate_flux_mu"]
 
 
-def _check(n: int, sigma_min: float, sigma_max: float):
-    if int(n) != n or n < 2:
-        raise ConfigError(f"num_points: need an integer >= 2, got {n}")
+def _check(N: int, sigma_min: float, sigma_max: float):
+    if int(N) != N or N < 2:
+        raise ConfigError(f"num_points: need an integer >= 2, got {N}")
     if not (0 < sigma_min < sigma_max) or not math.isfinite(sigma_max):
         raise ConfigError(f"sigma range: need 0 < sigma_min < sigma_max < inf, got [{sigma_min}, {sigma_max}]")
 
 
-def edm_polynomial(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
-    """``sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``."""
-    _check(n, sigma_min, sigma_max)
-    u = torch.linspace(0, 1, n, dtype=torch.float64)
+def edm_polynomial(N: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+    """``sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``."""
+    _check(N, sigma_min, sigma_max)
+    u = torch.linspace(0, 1, N, dtype=torch.float64)
     a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     return (a + u * (b - a)) ** rho
 
 
-def logsnr(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0) -> torch.Tensor:
+def logsnr(N: int, sigma_min: float = 0.002, sigma_max: float = 80.0) -> torch.Tensor:
     """Uniform in ``lambda = -log sigma``."""
-    _check(n, sigma_min, sigma_max)
-    return torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64))
+    _check(N, sigma_min, sigma_max)
+    return torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), N, dtype=torch.float64))
 
 
-def time_uniform(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 1.0,
+def time_uniform(N: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 1.0,
                  eps: float = 1e-3) -> torch.Tensor:
     """VP time ``s_i = (1 + u (eps^(1/rho) - 1))^rho`` mapped by ``sigma(s) = sqrt(exp(beta_d s^2 / 2 + beta_min s) - 1)``
     with ``beta_d, beta_min`` solved so that ``sigma(1) = sigma_max`` and ``sigma(eps) = sigma_min``."""
-    _check(n, sigma_min, sigma_max)
+    _check(N, sigma_min, sigma_max)
     # log(1 + sigma^2) = beta_d s^2 / 2 + beta_min s at s = 1 and s = eps: a 2x2 linear system.
     l1, le = math.log1p(sigma_max**2), math.log1p(sigma_min**2)
     beta_d = 2 * (l1 - le / eps) / (1 - eps)
     beta_min = l1 - beta_d / 2
-    u = torch.linspace(0, 1, n, dtype=torch.float64)
+    u = torch.linspace(0, 1, N, dtype=torch.float64)
     s = (1 + u * (eps ** (1 / rho) - 1)) ** rho
     return torch.sqrt(torch.expm1(0.5 * beta_d * s**2 + beta_min * s))
 
@@ -113,7 +115,7 @@ class VPTable:
         return float(self.sigma(torch.tensor(1.0)))
 
 
-def discrete_vp(n: int, vp: VPTable | None = None, sigma_min: float | None = None, sigma_max: float | None = None,
+def discrete_vp(N: int, vp: VPTable | None = None, sigma_min: float | None = None, sigma_max: float | None = None,
                 rho: float = 1.0, eps: float = 1e-3) -> torch.Tensor:
     """The original's ``discrete`` spacing: uniform (rho-warped) in continuous VP time between ``sigma_inv(sigma_max)``
     and ``sigma_inv(sigma_min)``. Defaults: SD1.5's table, ``sigma_min = sigma(eps)``, ``sigma_max = sigma(1)``.
@@ -125,9 +127,9 @@ def discrete_vp(n: int, vp: VPTable | None = None, sigma_min: float | None = Non
     vp = vp or VPTable(scaled_linear_alphas_cumprod())
     sigma_min = float(vp.sigma(torch.tensor(eps))) if sigma_min is None else sigma_min
     sigma_max = float(vp.sigma(torch.tensor(1.0))) if sigma_max is None else sigma_max
-    _check(n, sigma_min, sigma_max)
+    _check(N, sigma_min, sigma_max)
     s_max, s_min = vp.sigma_inv(torch.tensor(sigma_max)), vp.sigma_inv(torch.tensor(sigma_min))
-    u = torch.linspace(0, 1, n, dtype=torch.float64)
+    u = torch.linspace(0, 1, N, dtype=torch.float64)
     s = (s_max ** (1 / rho) + u * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
     return vp.sigma(s)
 
@@ -155,24 +157,21 @@ def vp_spacing(num_steps: int, alphas_cumprod: torch.Tensor | None = None, spaci
     return ts, torch.sqrt((1 - ab) / ab)
 
 
-from .backbones.flow_schedules import (  # noqa: E402  (flow grids live with the flow adapters)
-    FLOW_SCHEDULES, calculate_flux_mu, dpm_flow_sigmas, flux_sigmas, sd3_sigmas)
-
 SCHEDULES = ("edm", "polynomial", "logsnr", "time_uniform", "discrete") + FLOW_SCHEDULES
 
 
-def get_schedule(name: str, n: int, *, sigma_min: float | None = None, sigma_max: float | None = None,
+def get_schedule(name: str, N: int, *, sigma_min: float | None = None, sigma_max: float | None = None,
                  rho: float | None = None, **kw) -> torch.Tensor:
     """Grid by name (``edm``/``polynomial``, ``logsnr``, ``time_uniform``, ``discrete``; flow-matching names are
     served by the backbone adapters). Unknown names raise a ConfigError listing the accepted ones."""
     if name in ("edm", "polynomial"):
-        return edm_polynomial(n, sigma_min or 0.002, sigma_max or 80.0, 7.0 if rho is None else rho)
+        return edm_polynomial(N, sigma_min or 0.002, sigma_max or 80.0, 7.0 if rho is None else rho)
     if name == "logsnr":
-        return logsnr(n, sigma_min or 0.002, sigma_max or 80.0)
+        return logsnr(N, sigma_min or 0.002, sigma_max or 80.0)
     if name == "time_uniform":
-        return time_uniform(n, sigma_min or 0.002, sigma_max or 80.0, 1.0 if rho is None else rho)
+        return time_uniform(N, sigma_min or 0.002, sigma_max or 80.0, 1.0 if rho is None else rho)
     if name == "discrete":
-        return discrete_vp(n, kw.get("vp"), sigma_min, sigma_max, 1.0 if rho is None else rho)
+        return discrete_vp(N, kw.get("vp"), sigma_min, sigma_max, 1.0 if rho is None else rho)
     if name in FLOW_SCHEDULES:
         raise ConfigError(f"schedule {name!r} depends on the flow backbone (shift/mu); use backbone.sigmas()")
     raise ConfigError(f"schedule: unknown name {name!r}; accepted: {list(SCHEDULES)}")

@@ -19,9 +19,10 @@ from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config
 
 from _tiny_tokenizers import clip_tokenizer_dir, t5_tokenizer_dir  # noqa: E402
 from epd import predictor  # noqa: E402
-from epd.backbones.base import Backbone, Denoiser  # noqa: E402
+from epd.backbones.base import Backbone  # noqa: E402
+from epd.denoiser import Denoiser  # noqa: E402
 from epd.backbones.diffusers_common import CPU_ALIGNMENT  # noqa: E402
-from epd.backbones.flow_schedules import flux_sigmas  # noqa: E402
+from epd.flow_schedules import flux_sigmas  # noqa: E402
 from epd.backbones.flux import SCHEDULER_CONFIG, FluxBackbone, pack_latents, unpack_latents  # noqa: E402
 from epd.backbones.weights import MissingWeightsError  # noqa: E402
 from epd.errors import ConfigError  # noqa: E402

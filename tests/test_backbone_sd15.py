@@ -17,7 +17,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E
 
 from _tiny_tokenizers import clip_tokenizer_dir  # noqa: E402
 from epd import predictor  # noqa: E402
-from epd.backbones.base import Backbone, Denoiser  # noqa: E402
+from epd.backbones.base import Backbone  # noqa: E402
+from epd.denoiser import Denoiser  # noqa: E402
 from epd.backbones.sd15 import SCHEDULER_CONFIG, SD15Backbone  # noqa: E402
 from epd.backbones.weights import MissingWeightsError  # noqa: E402
 from epd.errors import ConfigError  # noqa: E402

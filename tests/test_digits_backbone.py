@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epd.backbones.base import Backbone, Denoiser, repeat_cond
+from epd.backbones.base import Backbone
+from epd.denoiser import Denoiser, repeat_cond
 from epd.backbones.digits import (NULL_CLASS, PROMPTS, DigitsBackbone, build_net, edm_sigmas, load_split,
                                   parse_prompt, parse_prompts, to_base_resolution)
 from epd.errors import ConfigError, EPDError

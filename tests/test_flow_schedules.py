@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from epd.backbones.flow_schedules import (calculate_flux_mu, dpm_flow_sigmas, dynamic_shift, edm_to_flow,
+from epd.flow_schedules import (calculate_flux_mu, dpm_flow_sigmas, dynamic_shift, edm_to_flow,
                                           flow_to_edm, flux_sigmas, sd3_sigmas)
 from epd.errors import ConfigError
 

@@ -21,8 +21,8 @@ from epd.errors import ConfigError
 from epd.graphs import CUDAGraphDenoiser, GraphedEPDSampler, GraphedEulerSampler
 from epd.parallel import (PointParallelDenoiser, check_world_size, gather_shards, init_point_parallel,
                           merge_shards, shard_seeds, split_points)
-from epd.predictor import uniform_table
 from epd.solvers import solve
+from epd.table import uniform_table
 
 WORLD = 2
 B = 3

@@ -15,9 +15,9 @@ from epd import predictor
 from epd.cli import main as cli_main
 from epd.errors import EPDError
 from epd.legacy import load_legacy_pickle
-from epd.predictor import uniform_table
 from epd.rdpo.export import export_checkpoint, export_run, pred_kwargs_from_meta
 from epd.rdpo.policy import EPDParamPolicy
+from epd.table import uniform_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _shared import FIXTURES as FIX, needs  # noqa: E402

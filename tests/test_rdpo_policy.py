@@ -13,9 +13,9 @@ from torch.distributions import Dirichlet, LogNormal
 
 from epd.errors import ConfigError, EPDError
 from epd.legacy import load_legacy_pickle
-from epd.predictor import EPDTable, uniform_table
 from epd.rdpo.policy import EPDParamPolicy, PolicyAction, SampledTables, cold_start, sanitize_rows
 from epd.solvers import solve
+from epd.table import EPDTable, uniform_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _shared import FIXTURES as FIX, needs  # noqa: E402

@@ -7,8 +7,8 @@ import torch
 
 from epd.backbones.gmm import GMMBackbone, make_gmm
 from epd.errors import ConfigError, EPDError, NonFiniteError
-from epd.predictor import EPDTable, uniform_table
 from epd.rdpo.trainer import MultiReward, RDPOConfig, RDPOTrainer, compute_advantages
+from epd.table import EPDTable, uniform_table
 
 TARGET_POS = torch.tensor([[0.15, 0.45]])
 TARGET_W = torch.tensor([[0.75, 0.25]])

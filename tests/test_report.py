@@ -14,9 +14,10 @@ from scipy import stats
 from epd.cli import main
 from epd.errors import ConfigError, EPDError
 from epd.metrics.stats import summarize
-from epd.predictor import EPDTable, save, uniform_table
+from epd.predictor import save
 from epd.report import build_report, export_runs, history_path, missing_rows
 from epd.report.render import fmt_value
+from epd.table import EPDTable, uniform_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _shared import FIXTURES, needs  # noqa: E402

@@ -10,7 +10,8 @@ import yaml
 from PIL import Image
 
 from epd.cli import main
-from epd.predictor import save, uniform_table
+from epd.predictor import save
+from epd.table import uniform_table
 from reliability.harness import TINY_DIGITS  # the reliability suite's seconds-long digits backbone
 
 SEEDS = "3-9"  # 7 seeds: an uneven split over 2 ranks

@@ -8,9 +8,9 @@ import torch
 
 from epd.backbones.gmm import GMMDenoiser, make_gmm, reference_solution
 from epd.errors import ConfigError, NonFiniteError
-from epd.predictor import EPDTable, uniform_table
 from epd.schedules import discrete_vp, edm_polynomial, logsnr, time_uniform, vp_spacing
 from epd.solvers import SOLVERS, solve, steps_for_nfe
+from epd.table import EPDTable, uniform_table
 
 
 

@@ -11,8 +11,9 @@ from epd.backbones.gmm import GMMBackbone, make_gmm
 from epd.distill import DistillConfig, EPDParameters, distill
 from epd.errors import ConfigError, EPDError
 from epd.io import parse_seeds, read_prompts
-from epd.predictor import check_compatible, load, save, uniform_table
+from epd.predictor import load, save
 from epd.solvers import solve
+from epd.table import check_compatible, uniform_table
 from epd.teacher import generate, load_teacher, teacher_sigmas
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

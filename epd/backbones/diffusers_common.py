@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
+from ..denoiser import Prepared
 from ..errors import ConfigError
-from .base import Prepared
 from .weights import MissingWeightsError
 
 __all__ = ["parse_settings", "settings_from_section", "resolve_dtype", "check_weights_folder", "missing_files",
@@ -458,7 +458,7 @@ class DiffusersBackbone:
 def default_flow_schedule(settings: dict) -> str:
     """``backbone.schedule``, else ``flowmatch`` in flow coordinates and ``flowmatch_dpm`` (starts below t = 1) in
     EDM coordinates."""
-    from .flow_schedules import FLOW_SCHEDULES
+    from ..flow_schedules import FLOW_SCHEDULES
 
     name = settings["schedule"] or ("flowmatch" if settings["coords"] == "flow" else "flowmatch_dpm")
     if name not in FLOW_SCHEDULES:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import torch
 
+from ..denoiser import Prepared
 from ..errors import ConfigError
-from .base import Prepared
+from ..flow_schedules import FLOW_SCHEDULES, calculate_flux_mu, flow_to_edm, flux_sigmas
 from .diffusers_common import (DiffusersBackbone, FlowDenoiser, check_offload, check_prompts, check_weights_folder,
                                default_flow_schedule, parse_settings, place, resolve_dtype, settings_from_section,
                                table_value, warn_truncation)
-from .flow_schedules import FLOW_SCHEDULES, calculate_flux_mu, flow_to_edm, flux_sigmas
 from .weights import resolve
 
 __all__ = ["FluxDenoiser", "FluxBackbone", "load", "check", "DEFAULTS", "LAYOUT", "SCHEDULER_CONFIG", "RESOLUTIONS",

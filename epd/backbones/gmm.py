@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..denoiser import repeat_cond
 from ..errors import ConfigError
-from .base import repeat_cond
 
 __all__ = ["GMM", "GMMDenoiser", "GMMBackbone", "reference_solution", "make_gmm"]
 

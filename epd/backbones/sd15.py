@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import torch
 
+from ..denoiser import Prepared
 from ..errors import ConfigError
 from ..schedules import VPTable, discrete_vp, get_schedule, scaled_linear_alphas_cumprod, vp_spacing
-from .base import Prepared
 from .diffusers_common import (DiffusersBackbone, bcast, check_offload, check_prompts, check_weights_folder,
                                expand_cond, parse_settings, per_sample, place, resolve_dtype, settings_from_section,
                                table_value, warn_truncation)

@@ -18,9 +18,9 @@ import torch
 
 from ..backbones.gmm import GMMDenoiser, make_gmm, reference_solution
 from ..io import atomic_write_json
-from ..predictor import EPDTable
 from ..schedules import edm_polynomial
 from ..solvers import solve
+from ..table import EPDTable
 
 STEPS = (32, 48, 64, 96, 128, 192, 256)
 

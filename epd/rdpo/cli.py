@@ -22,9 +22,10 @@ def setup(cfg: dict, backbone_name: str, init: str, weights: str | None, device:
     from ..backbones import load_backbone
     from ..config import backbone_section
     from ..io import parse_seeds
-    from ..predictor import check_compatible, load
+    from ..predictor import load
     from ..prompts import resolve_prompts
     from ..sample import resolve_grid
+    from ..table import check_compatible
     from .trainer import MultiReward, RDPOConfig
 
     sec = backbone_section(cfg, backbone_name)
@@ -64,6 +65,7 @@ def make_guard(rcfg, weights: str | None, device: str = "cpu"):
 def run(args):
     from .. import tracking
     from ..config import load_config
+    from ..solvers import paper_nfe
     from .trainer import RDPOTrainer
 
     cfg = load_config(args.config)
@@ -86,7 +88,7 @@ def run(args):
                 "ppo": asdict(rcfg), "logging": {"save_interval": rcfg.save_interval, "log_interval": rcfg.log_interval}}
     atomic_write_text(Path(args.out) / "resolved_config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     with tracking.start_run("rdpo", backbone=args.backbone, params=asdict(rcfg),
-                            tags={"init": args.init, "nfe": 2 * (table.num_steps - 1) - int(bool(table.meta.get("afs"))),
+                            tags={"init": args.init, "nfe": paper_nfe("epd", table.num_steps, table.meta.get("afs")),
                                   "table_best": str(Path(args.out) / "table_best.safetensors")}) as r:
         trainer = RDPOTrainer(bb, table, sigmas, reward, tp, ep, es, rcfg, args.out, run=r,
                               guard=make_guard(rcfg, args.weights, args.device))

@@ -28,7 +28,8 @@ import torch
 from ..errors import ConfigError, EPDError
 from ..io import atomic_write_json, load_error_text
 from ..legacy import BACKEND_TO_BACKBONE
-from ..predictor import EPDTable, load as load_table, save as save_table
+from ..predictor import load as load_table, save as save_table
+from ..table import EPDTable
 from .policy import EPDParamPolicy, sanitize_rows
 
 __all__ = ["export_checkpoint", "load_policy_checkpoint", "find_latest_checkpoint", "export_run",

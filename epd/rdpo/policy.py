@@ -35,7 +35,7 @@ from torch import nn
 from torch.distributions import Dirichlet, LogNormal, Normal, kl_divergence
 
 from ..errors import ConfigError, EPDError
-from ..predictor import EPDTable
+from ..table import EPDTable
 
 __all__ = [
     "EPDParamPolicy", "PolicyAction", "SampledTables", "StepDistributions", "ColdStart", "SanitizedRows",

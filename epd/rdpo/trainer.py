@@ -33,8 +33,9 @@ from tqdm import tqdm
 from ..errors import ConfigError, EPDError, NonFiniteError
 from ..io import atomic_path, atomic_write_bytes, atomic_write_json, load_error_text
 from ..memory import out_of_memory_names
-from ..predictor import EPDTable, save
+from ..predictor import save
 from ..solvers.epd import sample_epd
+from ..table import EPDTable
 from .policy import EPDParamPolicy
 
 log = logging.getLogger(__name__)

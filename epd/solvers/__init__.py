@@ -2,7 +2,11 @@
 
 ``sample_<name>(denoiser, x, sigmas, *, cond=None, table=None, callback=None, **options) -> SolverOutput``
 
-Use :func:`get_solver` / :func:`solve` to pick one by name.
+Use :func:`get_solver` / :func:`solve` to pick one by name. Every solver keeps one contract
+(tests/test_solver_contract.py): ``paper_nfe`` is :func:`paper_nfe` of the grid, ``callback(info)`` runs once per
+step with ``info`` keys ``i``, ``x``, ``sigma``, ``sigma_next`` and ``denoised`` (baselines) or ``points`` (table
+solvers: the K intermediate noise levels, ``(B, K)``), ``return_trajectory`` gives the ``N`` states, the input
+dtype is kept, and only :data:`TABLE_SOLVERS` take a table (they raise ConfigError without one; baselines ignore it).
 """
 
 from __future__ import annotations
@@ -12,12 +16,13 @@ import functools
 import torch
 
 from ..errors import ConfigError
-from .common import SolverOutput, append_zero, check_final_finite, check_sigmas
+from .common import SolverOutput, append_zero, check_final_finite
 from .epd import sample_epd, sample_epd_ipndm
 from .multistep import sample_dpmpp_2m, sample_dpmpp_3m, sample_dpmpp_3m_diffusers, sample_ipndm, sample_ipndm_v, sample_unipc
+from .nfe import TABLE_SOLVERS, paper_nfe, steps_for_nfe
 from .single_step import sample_dpm2, sample_euler, sample_heun
 
-__all__ = ["SOLVERS", "get_solver", "solve", "SolverOutput", "solver_paper_nfe", "steps_for_nfe"]
+__all__ = ["SOLVERS", "TABLE_SOLVERS", "get_solver", "solve", "SolverOutput", "paper_nfe", "steps_for_nfe"]
 
 SOLVERS = {
     "euler": sample_euler,
@@ -34,8 +39,6 @@ SOLVERS = {
     "epd": sample_epd,
     "epd_ipndm": sample_epd_ipndm,
 }
-
-TABLE_SOLVERS = {"epd", "epd_ipndm"}
 
 
 def get_solver(name: str):
@@ -61,30 +64,3 @@ def solve(name: str, denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, denoise
     if getattr(denoiser, "defer_finite_check", False):
         check_final_finite(out.x, kw.get("context", ""))
     return out
-
-
-def solver_paper_nfe(name: str, num_points_grid: int, afs: bool = False) -> int:
-    """NFE as the paper counts it for a grid of ``num_points_grid`` points ending above 0 (spec §3.3)."""
-    steps = num_points_grid - 1
-    if name in ("heun", "dpm2"):
-        return 2 * steps
-    if name in TABLE_SOLVERS:
-        return 2 * steps - int(afs)
-    return steps
-
-
-def steps_for_nfe(name: str, nfe: int, afs: bool = True) -> int:
-    """Grid points ``N`` giving paper-NFE ``nfe`` for solver ``name`` (EPD: ``nfe = 2 (N-1) - afs``)."""
-    if name in ("heun", "dpm2"):
-        if nfe % 2:
-            raise ConfigError(f"nfe: {name} spends 2 evaluations per step; NFE {nfe} is odd")
-        return nfe // 2 + 1
-    if name in TABLE_SOLVERS:
-        steps2 = nfe + int(afs)
-        if steps2 % 2:
-            raise ConfigError(f"nfe: EPD with afs={afs} reaches only {'odd' if afs else 'even'} NFE; got {nfe}")
-        return steps2 // 2 + 1
-    return nfe + 1
-
-
-_ = check_sigmas

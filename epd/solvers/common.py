@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..backbones.base import batch_of
+from ..denoiser import batch_of
 from ..errors import ConfigError, NonFiniteError
 
 __all__ = ["SolverOutput", "CountingDenoiser", "check_sigmas", "check_final_finite", "to_d", "append_zero"]

@@ -1,6 +1,6 @@
 """Single-step baselines: Euler (= DDIM), Heun (EDM Algorithm 1/2 without churn), DPM-Solver-2.
 
-All are written for ``dx/dsigma = (x - D(x, sigma)) / sigma`` (see :mod:`epd.backbones.base`).
+All are written for ``dx/dsigma = (x - D(x, sigma)) / sigma`` (see :mod:`epd.denoiser`).
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ class Workspace:
     @classmethod
     def create(cls, root: Path) -> "Workspace":
         from epd.backbones.digits_train import DigitsTrainConfig, train
-        from epd.predictor import save, uniform_table
+        from epd.predictor import save
+        from epd.table import uniform_table
 
         prompts = root / "gmm_prompts.txt"
         prompts.write_text("\n".join(PROMPTS_GMM) + "\n")

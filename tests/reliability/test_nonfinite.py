@@ -12,10 +12,10 @@ import torch
 from epd.backbones.gmm import GMMBackbone, make_gmm
 from epd.cli import main as cli_main
 from epd.errors import EPDError, NonFiniteError
-from epd.predictor import uniform_table
 from epd.rdpo.trainer import MultiReward, RDPOConfig, RDPOTrainer
 from epd.sample import sample_batch
 from epd.solvers import SOLVERS, TABLE_SOLVERS
+from epd.table import uniform_table
 
 from .harness import visible_files
 

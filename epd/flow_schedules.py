@@ -1,6 +1,7 @@
-"""Flow-matching time grids for SD3 and FLUX (spec §2), in native flow time ``t`` (``x_t = (1 - t) x0 + t eps``).
+"""Flow-matching time grids for SD3 and FLUX (spec §2), in native flow time ``t`` (``x_t = (1 - t) x0 + t eps``);
+core grids beside :mod:`epd.schedules` (which re-exports them), used by the SD3/FLUX adapters.
 
-Three families, each for ``num_points`` grid points (both ends counted):
+Three families, each for ``N`` grid points (both ends counted, ``N - 1`` steps):
 
 * ``"flowmatch"`` — the original EPD code's grid: diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps(N)``
   with the terminal 0 dropped, so it ends above 0 (SD3: static shift applied twice at the small end; FLUX:
@@ -21,7 +22,7 @@ import math
 
 import torch
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 __all__ = ["FLOW_SCHEDULES", "calculate_flux_mu", "static_shift", "dynamic_shift", "sd3_sigmas", "flux_sigmas",
            "dpm_flow_sigmas", "flow_to_edm", "edm_to_flow"]
@@ -57,22 +58,22 @@ def dynamic_shift(s: torch.Tensor, mu: float) -> torch.Tensor:
     return torch.where(s > 0, em / (em + (1 / safe - 1)), torch.zeros_like(s))
 
 
-def _check_n(num_points: int) -> int:
-    if int(num_points) != num_points or num_points < 2:
-        raise ConfigError(f"num_points: need an integer >= 2, got {num_points}")
-    return int(num_points)
+def _check_n(N: int) -> int:
+    if int(N) != N or N < 2:
+        raise ConfigError(f"num_points: need an integer >= 2, got {N}")
+    return int(N)
 
 
 def _append_zero(s: torch.Tensor) -> torch.Tensor:
     return torch.cat([s, s.new_zeros(1)])
 
 
-def sd3_sigmas(num_points: int, shift: float = 3.0, schedule: str = "flowmatch",
+def sd3_sigmas(N: int, shift: float = 3.0, schedule: str = "flowmatch",
                num_train_timesteps: int = 1000) -> torch.Tensor:
     """SD3 grids (static shift, no dynamic shifting).
 
     Args:
-        num_points (`int`): grid points ``N`` (``N - 1`` steps).
+        N (`int`): grid points (``N - 1`` steps).
         shift (`float`): the scheduler's ``shift`` (3.0 for SD3-Medium).
         schedule (`str`): ``"flowmatch"`` (original, ends above 0), ``"flowmatch_official"`` (pipeline, ends at 0)
             or ``"flowmatch_dpm"``.
@@ -80,24 +81,24 @@ def sd3_sigmas(num_points: int, shift: float = 3.0, schedule: str = "flowmatch",
     Returns:
         `torch.Tensor`: ``N`` decreasing flow times.
     """
-    n = _check_n(num_points)
+    N = _check_n(N)
     if schedule == "flowmatch_dpm":
-        return dpm_flow_sigmas(n, shift, num_train_timesteps)
+        return dpm_flow_sigmas(N, shift, num_train_timesteps)
     # The scheduler's own sigma_min is already shifted once; set_timesteps shifts the linspace again.
     s_min = float(static_shift(torch.tensor(1.0 / num_train_timesteps, dtype=torch.float64), shift))
     if schedule == "flowmatch":
-        return static_shift(torch.linspace(1.0, s_min, n, dtype=torch.float64), shift)
+        return static_shift(torch.linspace(1.0, s_min, N, dtype=torch.float64), shift)
     if schedule == "flowmatch_official":
-        return _append_zero(static_shift(torch.linspace(1.0, s_min, n - 1, dtype=torch.float64), shift))
+        return _append_zero(static_shift(torch.linspace(1.0, s_min, N - 1, dtype=torch.float64), shift))
     raise ConfigError(f"schedule: unknown flow schedule {schedule!r}; accepted: {list(FLOW_SCHEDULES)}")
 
 
-def flux_sigmas(num_points: int, mu: float, schedule: str = "flowmatch",
+def flux_sigmas(N: int, mu: float, schedule: str = "flowmatch",
                 num_train_timesteps: int = 1000) -> torch.Tensor:
     """FLUX grids (dynamic shifting with ``mu``).
 
     Args:
-        num_points (`int`): grid points ``N``.
+        N (`int`): grid points (``N - 1`` steps).
         mu (`float`): the shift (see :func:`calculate_flux_mu`; 1.15 at 1024x1024).
         schedule (`str`): ``"flowmatch"`` (original: ``s = linspace(1, 1/1000, N)``, ends above 0),
             ``"flowmatch_official"`` (``FluxPipeline``: ``linspace(1, 1/(N-1), N-1)`` then 0) or ``"flowmatch_dpm"``.
@@ -105,25 +106,25 @@ def flux_sigmas(num_points: int, mu: float, schedule: str = "flowmatch",
     Returns:
         `torch.Tensor`: ``N`` decreasing flow times.
     """
-    n = _check_n(num_points)
+    N = _check_n(N)
     if schedule == "flowmatch":
-        return dynamic_shift(torch.linspace(1.0, 1.0 / num_train_timesteps, n, dtype=torch.float64), mu)
+        return dynamic_shift(torch.linspace(1.0, 1.0 / num_train_timesteps, N, dtype=torch.float64), mu)
     if schedule == "flowmatch_official":
-        steps = n - 1
+        steps = N - 1
         return _append_zero(dynamic_shift(torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64), mu))
     if schedule == "flowmatch_dpm":
-        return dpm_flow_sigmas(n, math.exp(mu), num_train_timesteps)
+        return dpm_flow_sigmas(N, math.exp(mu), num_train_timesteps)
     raise ConfigError(f"schedule: unknown flow schedule {schedule!r}; accepted: {list(FLOW_SCHEDULES)}")
 
 
-def dpm_flow_sigmas(num_points: int, shift: float, num_train_timesteps: int = 1000) -> torch.Tensor:
+def dpm_flow_sigmas(N: int, shift: float, num_train_timesteps: int = 1000) -> torch.Tensor:
     """Grid of ``DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=shift)`` for ``N - 1`` steps.
 
     ``s = 1 - linspace(1, 1/T, N)`` reversed without its 0, shifted statically, then a terminal 0. With dynamic
     shifting diffusers sets ``flow_shift = e^mu``, which is the same map as :func:`dynamic_shift`.
     """
-    n = _check_n(num_points)
-    s = 1.0 - torch.linspace(1.0, 1.0 / num_train_timesteps, n, dtype=torch.float64)
+    N = _check_n(N)
+    s = 1.0 - torch.linspace(1.0, 1.0 / num_train_timesteps, N, dtype=torch.float64)
     return _append_zero(static_shift(s.flip(0)[:-1], shift))
 
 
