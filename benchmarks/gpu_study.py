@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -110,8 +111,9 @@ def run(args) -> int:
     cfg = study_config(full, args.backbone, COUNTS, f"sqlite:///{work}/mlflow.db")
     cfg_path = work / f"gpu_{args.backbone}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    env = dict(os.environ, EPD_RESOURCE_LOG=str(work / "resources.jsonl"), HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1")
+    res_log = Path(args.resource_log or work / "resources.jsonl").resolve()
+    res_log.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, EPD_RESOURCE_LOG=str(res_log), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     t0 = time.time()
     weights = args.weights or str(work / "weights")
     if not args.weights:
@@ -121,19 +123,26 @@ def run(args) -> int:
     fake_s = time.time() - t0
     env["EPD_WEIGHTS_DIR"] = weights
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "all", "--configfile", str(cfg_path),
-                           "--keep-going", "--scheduler", "greedy"], env=env)
+    budget = max(30.0, args.budget_s - fake_s)
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "all", "--configfile", str(cfg_path), "--keep-going",
+           "--scheduler", "greedy"]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=budget)
+    except subprocess.TimeoutExpired:  # out of this call's time: finished stages are reported, the others not ok
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
+        rc = 124
     chain_s = time.time() - t0
-    log_rows = [json.loads(line) for line in (work / "resources.jsonl").read_text().splitlines()] \
-        if (work / "resources.jsonl").exists() else []
+    log_rows = [json.loads(line) for line in res_log.read_text().splitlines()] if res_log.exists() else []
     done = {STAGES.get(r.get("rule") or "") for r in log_rows}
-    failed = set() if proc.returncode == 0 else {s for s in set(STAGES.values()) if s not in done}
+    failed = set() if rc == 0 else {s for s in set(STAGES.values()) if s not in done}
     import torch
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     rows = aggregate(log_rows, cfg, full, args.backbone, failed, gpu)
     result = {"benchmark": "gpu_study", "config": args.config, "study": args.backbone, "counts": COUNTS,
-              "snakemake_rc": proc.returncode, "fake_weights_s": round(fake_s, 1), "chain_s": round(chain_s, 1),
+              "snakemake_rc": rc, "budget_s": args.budget_s, "fake_weights_s": round(fake_s, 1), "chain_s": round(chain_s, 1),
               "machine": {"gpu": gpu, "torch": torch.__version__, "python": platform.python_version(),
                           "cpu_count": os.cpu_count()},
               "projected_gpu_hours_total": sum(r["projected_gpu_hours"] or 0 for r in rows),
@@ -143,7 +152,7 @@ def run(args) -> int:
     print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "jobs")}, indent=1))
     for r in rows:
         print(r)
-    return proc.returncode
+    return rc
 
 
 def main(argv=None) -> int:
@@ -153,6 +162,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="result JSON")
     p.add_argument("--workdir", default="/tmp/gpu_study")
     p.add_argument("--weights", default=None, help="existing fake/real weights root (skip generation)")
+    p.add_argument("--resource-log", default=None, help="where jobs append their resource lines (default: workdir)")
+    p.add_argument("--budget-s", type=float, default=480.0,
+                   help="wall-clock budget for weights + chain; stages not finished by then are reported not ok")
     return run(p.parse_args(argv))
 
 
