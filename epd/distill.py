@@ -267,7 +267,7 @@ def metric_features(sec: dict, weights_dir, device="cpu"):
         raise ConfigError(f"distill.feature_weight: backbone kind {sec.get('kind')!r} has no differentiable metric "
                           "feature extractor here (only digits); set it to 0")
     from .backbones.digits import to_base_resolution
-    from .backbones.digits_classifier import load_classifier
+    from .backbones.digits.classifier import load_classifier
 
     if weights_dir is None:
         raise ConfigError("distill.feature_weight: needs --weights (the folder holding classifier.safetensors)")

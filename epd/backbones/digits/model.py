@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ConfigError, EPDError
-from ..io import atomic_path, atomic_write_json, config_hash, sha256_file
+from ...errors import ConfigError, EPDError
+from ...io import atomic_path, atomic_write_json, config_hash, sha256_file
 
 __all__ = [
     "NUM_CLASSES", "NULL_CLASS", "SIGMA_DATA", "PROMPTS", "parse_prompt", "parse_prompts", "DigitsSplit",
@@ -411,7 +411,7 @@ class DigitsBackbone:
         if schedule in ("edm", "polynomial"):
             return edm_sigmas(num_points, s_min, s_max, 7.0 if rho is None else float(rho))
         try:
-            from ..schedules import get_schedule
+            from ...schedules import get_schedule
         except ImportError:
             raise ConfigError(f"schedule: {schedule!r} is not available for the digits backbone; use 'edm'") from None
         return get_schedule(schedule, num_points, sigma_min=s_min, sigma_max=s_max, rho=rho)

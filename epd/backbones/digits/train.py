@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError, EPDError
-from ..io import atomic_path, atomic_write_text, config_hash
-from ..progress import Heartbeat
-from .digits import (DEFAULT_ARCH, FORMAT, FORMAT_VERSION, NULL_CLASS, SIGMA_DATA, DigitsSplit, build_net,
+from ...errors import ConfigError, EPDError
+from ...io import atomic_path, atomic_write_text, config_hash
+from ...progress import Heartbeat
+from .model import (DEFAULT_ARCH, FORMAT, FORMAT_VERSION, NULL_CLASS, SIGMA_DATA, DigitsSplit, build_net,
                      load_model, load_split, save_model)
-from .digits_classifier import DigitsClassifierConfig, load_classifier, save_classifier, train_classifier
+from .classifier import DigitsClassifierConfig, load_classifier, save_classifier, train_classifier
 
 __all__ = ["DigitsTrainConfig", "load_train_config", "train", "train_denoiser", "denoising_loss", "add_arguments",
            "run"]
@@ -58,7 +58,7 @@ class DigitsTrainConfig:
         label_dropout (`float`): probability of training a sample with the null class (enables CFG).
         grad_clip (`float`): gradient-norm clip (0 disables).
         checkpoint_every (`int`), log_every (`int`), eval_every (`int`): cadences in steps.
-        classifier (`dict`): options of :class:`~epd.backbones.digits_classifier.DigitsClassifierConfig`.
+        classifier (`dict`): options of :class:`~epd.backbones.digits.classifier.DigitsClassifierConfig`.
     """
 
     seed: int = 0
