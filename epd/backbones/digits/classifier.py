@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from ...errors import ConfigError, EPDError
 from ...progress import Heartbeat
-from .model import NUM_CLASSES, DigitsSplit, load_safetensors_checked, read_meta, save_model, to_base_resolution
+from .data import NUM_CLASSES, DigitsSplit, to_base_resolution
+from .model import load_safetensors_checked, read_meta, save_model
 
 __all__ = ["DigitsClassifierConfig", "DigitsClassifier", "train_classifier", "save_classifier", "load_classifier",
            "frechet_distance", "fd_from_stats", "feature_stats", "sqrtm_psd"]

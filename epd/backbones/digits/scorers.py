@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from ...errors import EPDError
-from .model import parse_prompts
 from .classifier import DigitsClassifier, frechet_distance, load_classifier
+from .data import parse_prompts
 
 __all__ = ["make_alignment", "make_realism", "make_typicality", "make_accuracy", "make_fd", "DigitsImageScorer", "DigitsFD"]
 
@@ -95,7 +95,7 @@ class DigitsImageScorer:
 
 def typical_distances(clf: DigitsClassifier, split_seed: int = 0) -> torch.Tensor:
     """Per class, the median Mahalanobis distance (``-realism``) of the train-split digits: ``(10,)``."""
-    from .model import NUM_CLASSES, load_split
+    from .data import NUM_CLASSES, load_split
 
     split = load_split(seed=split_seed)
     feats, _ = clf.read(((split.x_train + 1) / 2).clamp(0, 1))
