@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from .adapter import BackboneAdapter
 from .base import Prepared
 from .diffusers_settings import STUDY_KEYS, DiffusersSettings, resolve_dtype, settings_from_section
 from .weights import MissingWeightsError, resolve
@@ -246,10 +247,11 @@ def table_value(table, key: str):
 
 
 # ---------------------------------------------------------------------- shared backbone behaviour
-class DiffusersBackbone:
+class DiffusersBackbone(BackboneAdapter):
     """Base of the SD1.5/SD3/FLUX adapters (see :class:`~epd.backbones.base.Backbone`).
 
-    It carries loading and checking once; each adapter declares what differs:
+    It carries loading and checking once (capability ``needs_weights_check``: :meth:`check` validates the local
+    folder before any job loads it); each adapter declares what differs:
 
     Attributes:
         name (`str`): registry name (the config's ``kind``).
@@ -273,6 +275,7 @@ class DiffusersBackbone:
     """
 
     name = ""
+    needs_weights_check = True
     Settings: type[DiffusersSettings] = DiffusersSettings
     pipeline_class = ""
     pipeline_kwargs: dict = {}

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from ...errors import ConfigError, EPDError
-from .data import NULL_CLASS, check_labels, parse_prompts
+from ..adapter import BackboneAdapter
+from .data import NULL_CLASS, check_labels, heldout_images, parse_prompts, to_base_resolution
 from .model import EDMPrecond, load_model
 
 __all__ = ["DigitsDenoiser", "DigitsBackbone", "edm_sigmas"]
@@ -72,8 +73,12 @@ def edm_sigmas(num_points: int, sigma_min: float, sigma_max: float, rho: float =
     return (sigma_max ** (1 / rho) + i * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
 
-class DigitsBackbone:
+class DigitsBackbone(BackboneAdapter):
     """The embedded digits backbone (:class:`~epd.backbones.base.Backbone` protocol).
+
+    Capabilities (:mod:`epd.backbones.adapter`): ``trainable`` (``epd backbone train`` writes its folder),
+    ``weights_folder`` (stages read that folder; the digits metrics' classifier lives there too),
+    :meth:`metric_features` and :meth:`heldout_reference`.
 
     Args:
         net (:class:`EDMPrecond`): the trained network.
@@ -82,6 +87,8 @@ class DigitsBackbone:
     """
 
     name = "digits"
+    trainable = True
+    weights_folder = True
     coords = "edm"
     sigma_min = 0.002
     sigma_max = 80.0
@@ -99,6 +106,38 @@ class DigitsBackbone:
         """Load ``model.safetensors`` + ``model.json`` from a training output folder."""
         net, meta = load_model(weights_dir, device=device)
         return cls(net, meta, guidance)
+
+    @classmethod
+    def from_section(cls, section: dict, device: str = "cpu", weights_dir=None, **_) -> "DigitsBackbone":
+        """The trained model of ``weights_dir`` (else ``section["weights"]``) with ``section["guidance"]``."""
+        wdir = weights_dir or section.get("weights")
+        if not wdir:
+            raise ConfigError("backbone digits: no trained model folder given (--weights DIR, the output of "
+                              "`epd backbone train`, or backbones.<name>.weights in the config)")
+        return cls.load(wdir, guidance=float(section.get("guidance", 1.0)), device=device)
+
+    @classmethod
+    def metric_features(cls, weights_dir, device: str = "cpu"):
+        """The differentiable feature map of digits-FD, for ``distill.feature_weight``: the classifier's penultimate
+        features of the decoded final state (``x`` in ``[-1, 1]``)."""
+        from .classifier import load_classifier
+
+        if weights_dir is None:
+            raise ConfigError("distill.feature_weight: needs --weights (the folder holding classifier.safetensors)")
+        clf = load_classifier(weights_dir, device)[0].eval()
+        for p in clf.parameters():
+            p.requires_grad_(False)
+
+        def features(x: torch.Tensor) -> torch.Tensor:
+            return clf.features(to_base_resolution(((x.float() + 1) / 2).clamp(0, 1)))
+
+        return features
+
+    @classmethod
+    def heldout_reference(cls, weights_dir) -> torch.Tensor:
+        """Held-out real digits ``(B, 3, H, W)`` in ``[0, 1]`` of the split recorded in ``<weights_dir>/model.json``:
+        the reference set of digits-FD."""
+        return heldout_images(weights_dir)
 
     @property
     def guidance(self) -> float:

@@ -4,12 +4,15 @@
   to labels.
 * :func:`load_split` — ``sklearn.datasets.load_digits`` (1797 8×8 images), a seeded stratified split into train
   and held-out sets, pixels mapped to ``[-1, 1]``, optional integer (nearest) upsampling.
+* :func:`heldout_images` — the held-out real digits of a trained folder's split: the reference set of digits-FD.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +20,7 @@ import torch.nn.functional as F
 from ...errors import ConfigError, EPDError
 
 __all__ = ["NUM_CLASSES", "NULL_CLASS", "BASE_RES", "PROMPTS", "parse_prompt", "parse_prompts", "check_labels",
-           "DigitsSplit", "load_split", "to_base_resolution"]
+           "DigitsSplit", "load_split", "to_base_resolution", "heldout_images"]
 
 NUM_CLASSES = 10
 NULL_CLASS = NUM_CLASSES  # label used for the unconditional branch of classifier-free guidance
@@ -131,3 +134,13 @@ def to_base_resolution(images: torch.Tensor) -> torch.Tensor:
     x = images.float().mean(1, keepdim=True) * 2 - 1
     f = x.shape[-1] // BASE_RES
     return F.avg_pool2d(x, f) if f > 1 else x
+
+
+def heldout_images(weights_dir) -> torch.Tensor:
+    """Held-out real digits ``(B, 3, H, W)`` in ``[0, 1]`` of the split recorded in ``<weights_dir>/model.json``."""
+    if not weights_dir or not (Path(weights_dir) / "model.json").is_file():
+        raise ConfigError("digits_fd without --fid-ref needs --weights-dir pointing at the trained backbone folder")
+    data = json.loads((Path(weights_dir) / "model.json").read_text()).get("data", {})
+    split = load_split(seed=int(data.get("split_seed", 0)), n_heldout=int(data.get("n_heldout", 297)),
+                       upsample=int(data.get("upsample", 1)))
+    return ((split.x_heldout + 1) / 2).clamp(0, 1).repeat(1, 3, 1, 1)

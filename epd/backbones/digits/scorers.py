@@ -114,6 +114,7 @@ class DigitsFD:
     name = "digits_fd"
     higher_is_better = False
     kind = "set"
+    backbone = "digits"  # its built-in reference: this backbone kind's heldout_reference (no --fid-ref given)
 
     def __init__(self, clf: DigitsClassifier):
         self.clf = clf
