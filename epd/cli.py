@@ -23,7 +23,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("bench", "backbone"), "epd.bench.backbone", "train the embedded digits backbone and measure it"),
     (("bench", "solvers"), "epd.bench.solvers", "baselines vs distilled EPD on the embedded backbone"),
     (("bench", "rdpo"), "epd.bench.rdpo", "RDPO vs distilled table on held-out prompts"),
-    (("backbone", "train"), "epd.backbones.digits_train", "train the embedded digits backbone"),
+    (("backbone", "train"), "epd.backbones.digits.train", "train the embedded digits backbone"),
     (("backbone", "check"), "epd.backbones.check", "resolve a backbone's weights (fails listing missing files)"),
     (("weights", "fake"), "epd.fake_weights", "write RANDOM-weight stand-ins (tiny or full) in the weights layout"),
     (("teacher",), "epd.teacher", "generate teacher trajectories on a student grid"),

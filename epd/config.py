@@ -11,11 +11,16 @@ import yaml
 from .errors import ConfigError
 
 __all__ = ["load_config", "backbone_section", "validate", "schema_path", "study_files", "check_study",
-           "skipped_pairs", "study_rows", "sample_rows_count", "TABLE_LABELS", "ASSETS_DIR", "ASSETS_FETCH"]
+           "skipped_pairs", "study_rows", "sample_rows_count", "TABLE_LABELS", "ASSETS_DIR", "ASSETS_FETCH",
+           "STUDY_KEYS"]
 
 # Where ``epd assets fetch`` puts the original system's released files, and the command that brings them.
 ASSETS_DIR = "data/original"
 ASSETS_FETCH = "epd assets fetch   (or, offline: epd assets fetch --mirror DIR, DIR a checkout of the original repository)"
+# Keys of a ``backbones.<name>`` section (the schema's ``$defs.backbone``) that describe the study, not the model:
+# backbone adapters ignore them (the others, kind/guidance/model_path/resolution/coords/backend_config, are theirs).
+STUDY_KEYS = ("solvers", "nfes", "distill_nfes", "rdpo_nfes", "metrics", "predictors", "prompts", "student", "teacher",
+              "distill", "rdpo", "train", "bench", "sample")
 
 
 def schema_path() -> Path:

@@ -262,24 +262,16 @@ def _fingerprint(cfg, sigmas, x_init, targets, num_points, afs, scale_dir, scale
 
 
 def metric_features(sec: dict, weights_dir, device="cpu"):
-    """The differentiable feature map of the backbone's own metric, for ``distill.feature_weight``: the digits
-    classifier's penultimate features (those of digits-FD) of the decoded final state."""
-    if sec.get("kind") != "digits":
+    """The differentiable feature map of the backbone's own metric, for ``distill.feature_weight``: the backbone
+    class's ``metric_features`` capability (digits: the classifier's penultimate features, those of digits-FD, of the
+    decoded final state)."""
+    from .backbones import backbone_class, kinds_with
+
+    cls = backbone_class(sec.get("kind"))
+    if not cls.supports("metric_features"):
         raise ConfigError(f"distill.feature_weight: backbone kind {sec.get('kind')!r} has no differentiable metric "
-                          "feature extractor here (only digits); set it to 0")
-    from .backbones.digits import to_base_resolution
-    from .backbones.digits_classifier import load_classifier
-
-    if weights_dir is None:
-        raise ConfigError("distill.feature_weight: needs --weights (the folder holding classifier.safetensors)")
-    clf = load_classifier(weights_dir, device)[0].eval()
-    for p in clf.parameters():
-        p.requires_grad_(False)
-
-    def features(x: torch.Tensor) -> torch.Tensor:
-        return clf.features(to_base_resolution(((x.float() + 1) / 2).clamp(0, 1)))
-
-    return features
+                          f"feature extractor here (only {', '.join(kinds_with('metric_features'))}); set it to 0")
+    return cls.metric_features(weights_dir, device)
 
 
 # ----------------------------------------------------------------------------------------------- CLI

@@ -203,8 +203,10 @@ def _run_metric(name, samples, weights_dir, device, batch_size, fid_ref) -> dict
     paths = [s.path for s in samples]
     if getattr(scorer, "kind", "image") == "set":
         fa = np.concatenate([scorer.features(x) for _, x in _batches(paths, batch_size)])
-        if fid_ref is None:  # digits_fd: the held-out real digits of the backbone's own data split
-            ref = scorer.features(_digits_heldout(weights_dir))
+        if fid_ref is None:  # the scorer's backbone's held-out real images (digits_fd: its own data split)
+            from .backbones import backbone_class
+
+            ref = scorer.features(backbone_class(scorer.backbone).heldout_reference(weights_dir))
         elif str(fid_ref).endswith(".npz"):
             ref = fid_ref
         else:
@@ -255,20 +257,6 @@ def _write_outputs(out: Path, samples, columns: dict, files: dict, summary: dict
     for fname, obj in files.items():
         atomic_write_json(out / fname, obj)
     atomic_write_json(out / "summary.json", summary)
-
-
-def _digits_heldout(weights_dir):
-    """Held-out real digits (B, 3, H, W) in [0, 1] of the split recorded in ``<weights_dir>/model.json``."""
-    import json
-
-    from .backbones.digits import load_split
-
-    if not weights_dir or not (Path(weights_dir) / "model.json").is_file():
-        raise ConfigError("digits_fd without --fid-ref needs --weights-dir pointing at the trained backbone folder")
-    data = json.loads((Path(weights_dir) / "model.json").read_text()).get("data", {})
-    split = load_split(seed=int(data.get("split_seed", 0)), n_heldout=int(data.get("n_heldout", 297)),
-                       upsample=int(data.get("upsample", 1)))
-    return ((split.x_heldout + 1) / 2).clamp(0, 1).repeat(1, 3, 1, 1)
 
 
 def _rmse_vs_reference(images: Path, samples, reference: str) -> dict:

@@ -12,16 +12,14 @@ import torch
 pytest.importorskip("diffusers")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,  # noqa: E402
-                       FluxPipeline, FluxTransformer2DModel)
-from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel,  # noqa: E402
-                          T5TokenizerFast)
+from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 
-from _tiny_tokenizers import clip_tokenizer_dir, t5_tokenizer_dir  # noqa: E402
+from _tiny_pipelines import (FloatTimestepDPM, flux_pipe as _pipe, misaligned as _misaligned, rel as _rel,  # noqa: E402
+                             tiny_flux as _tiny)
 from epd import predictor  # noqa: E402
 from epd.backbones.base import Backbone  # noqa: E402
-from epd.denoiser import Denoiser  # noqa: E402
 from epd.backbones.diffusers_common import CPU_ALIGNMENT  # noqa: E402
+from epd.denoiser import Denoiser  # noqa: E402
 from epd.flow_schedules import flux_sigmas  # noqa: E402
 from epd.backbones.flux import SCHEDULER_CONFIG, FluxBackbone, pack_latents, unpack_latents  # noqa: E402
 from epd.backbones.weights import MissingWeightsError  # noqa: E402
@@ -36,31 +34,6 @@ RES = 128  # tiny VAE with factor 8 -> 16x16 latent -> 64 packed tokens
 MAX_SEQ = 16
 
 
-class FloatTimestepDPM(DPMSolverMultistepScheduler):
-    """Keeps ``timesteps = 1000 t`` (diffusers casts flow timesteps to int64; see tests/test_backbone_sd3.py)."""
-
-    def set_timesteps(self, *args, **kwargs):
-        super().set_timesteps(*args, **kwargs)
-        self.timesteps = self.sigmas[:-1] * self.config.num_train_timesteps
-
-
-def _tiny(guidance_embeds=True):
-    torch.manual_seed(0)
-    tr = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
-                                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-                                axes_dims_rope=[4, 4, 8], guidance_embeds=guidance_embeds).eval()
-    vae = AutoencoderKL(block_out_channels=(4, 4, 4, 4), in_channels=3, out_channels=3, latent_channels=16,
-                        norm_num_groups=2, down_block_types=["DownEncoderBlock2D"] * 4,
-                        up_block_types=["UpDecoderBlock2D"] * 4, shift_factor=0.1159, scaling_factor=0.3611).eval()
-    clip = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                                        num_hidden_layers=2, vocab_size=49408, max_position_embeddings=77,
-                                        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)).eval()
-    t5tok = T5TokenizerFast.from_pretrained(t5_tokenizer_dir())
-    t5 = T5EncoderModel(T5Config(d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2, vocab_size=len(t5tok))).eval()
-    tok = CLIPTokenizer.from_pretrained(clip_tokenizer_dir(), model_max_length=77)
-    return tr, vae, (clip, t5), (tok, t5tok)
-
-
 @pytest.fixture(scope="module")
 def parts():
     torch.set_num_threads(1)
@@ -73,26 +46,10 @@ def _backbone(parts, **cfg):
                                                                      **cfg})
 
 
-def _pipe(parts, scheduler):
-    tr, vae, (clip, t5), (tok, t5tok) = parts
-    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tok, text_encoder_2=t5,
-                        tokenizer_2=t5tok, transformer=tr)
-
-
 def _call(pipe, z, steps, **kw):
     out = pipe(PROMPTS, num_inference_steps=steps, guidance_scale=3.5, latents=pack_latents(z.clone()), height=RES,
                width=RES, output_type="latent", max_sequence_length=MAX_SEQ, **kw).images
     return unpack_latents(out, *z.shape[-2:])
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
-def _misaligned(pipe):
-    """Weights not on torch's 64-byte allocation boundary (e.g. views of a memory-mapped safetensors file)."""
-    return [f"{c}.{n}" for c, m in pipe.components.items() if isinstance(m, torch.nn.Module)
-            for n, t in (*m.named_parameters(), *m.named_buffers()) if t.data_ptr() % CPU_ALIGNMENT]
 
 
 # ---------------------------------------------------------------------- parity with the pipeline

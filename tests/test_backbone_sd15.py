@@ -11,11 +11,10 @@ import torch
 pytest.importorskip("diffusers")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from diffusers import (AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,  # noqa: E402
-                       PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler,  # noqa: E402
+                       StableDiffusionPipeline)
 
-from _tiny_tokenizers import clip_tokenizer_dir  # noqa: E402
+from _tiny_pipelines import rel as _rel, sd15_pipe as _pipe, tiny_sd15 as _tiny  # noqa: E402
 from epd import predictor  # noqa: E402
 from epd.backbones.base import Backbone  # noqa: E402
 from epd.denoiser import Denoiser  # noqa: E402
@@ -33,22 +32,6 @@ SD15_N10 = [14.6146, 7.8399, 4.6092, 2.9183, 1.9502, 1.3449, 0.9324, 0.6250, 0.3
 SD15_N11 = [14.61464, 8.30717, 5.09241, 3.32507, 2.27973, 1.61558, 1.16287, 0.83188, 0.57119, 0.34371, 0.02917]
 
 
-def _tiny(cross_dim=32, sample_size=64):
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(block_out_channels=(4, 8), layers_per_block=1, sample_size=sample_size, in_channels=4,
-                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cross_dim,
-                                norm_num_groups=2, attention_head_dim=2).eval()
-    vae = AutoencoderKL(block_out_channels=(4, 8), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=2,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2).eval()
-    te = CLIPTextModel(CLIPTextConfig(hidden_size=cross_dim, intermediate_size=16, num_attention_heads=2,
-                                      num_hidden_layers=1 if cross_dim > 32 else 2, vocab_size=49408,
-                                      max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-                                      pad_token_id=49407)).eval()
-    tok = CLIPTokenizer.from_pretrained(clip_tokenizer_dir(), model_max_length=77)
-    return unet, vae, te, tok
-
-
 @pytest.fixture(scope="module")
 def parts():
     torch.set_num_threads(1)
@@ -58,16 +41,6 @@ def parts():
 def _backbone(parts, **cfg):
     unet, vae, te, tok = parts
     return SD15Backbone.from_components(unet, vae, te, tok, config={"resolution": 32, **cfg})
-
-
-def _pipe(parts, scheduler):
-    unet, vae, te, tok = parts
-    return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 # ---------------------------------------------------------------------- grid and time input

@@ -14,16 +14,14 @@ import torch
 pytest.importorskip("diffusers")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,  # noqa: E402
-                       SD3Transformer2DModel, StableDiffusion3Pipeline)
-from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,  # noqa: E402
-                          T5EncoderModel, T5TokenizerFast)
+from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 
-from _tiny_tokenizers import clip_tokenizer_dir, t5_tokenizer_dir  # noqa: E402
+from _tiny_pipelines import (FloatTimestepDPM, misaligned as _misaligned, rel as _rel, sd3_pipe as _pipe,  # noqa: E402
+                             tiny_sd3 as _tiny)
 from epd import predictor  # noqa: E402
 from epd.backbones.base import Backbone  # noqa: E402
-from epd.denoiser import Denoiser  # noqa: E402
 from epd.backbones.diffusers_common import CPU_ALIGNMENT  # noqa: E402
+from epd.denoiser import Denoiser  # noqa: E402
 from epd.flow_schedules import sd3_sigmas  # noqa: E402
 from epd.backbones.sd3 import SCHEDULER_CONFIG, SD3Backbone  # noqa: E402
 from epd.backbones.weights import MissingWeightsError  # noqa: E402
@@ -38,37 +36,6 @@ RES = 128  # tiny VAE with factor 8 -> 16x16 latent, 8x8 patches
 MAX_SEQ = 16
 
 
-class FloatTimestepDPM(DPMSolverMultistepScheduler):
-    """diffusers' DPM-Solver with flow sigmas casts its timesteps to int64, so the transformer is evaluated at
-    ``floor(1000 t) / 1000`` while the update uses ``t`` (diffusers 0.39, ``set_timesteps``). This subclass keeps
-    ``timesteps = 1000 t`` so that both sides evaluate the model at the grid's own times."""
-
-    def set_timesteps(self, *args, **kwargs):
-        super().set_timesteps(*args, **kwargs)
-        self.timesteps = self.sigmas[:-1] * self.config.num_train_timesteps
-
-
-def _clip():
-    cfg = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                         vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-                         pad_token_id=49407, projection_dim=32)
-    return CLIPTextModelWithProjection(cfg).eval()
-
-
-def _tiny():
-    torch.manual_seed(0)
-    tr = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
-                               num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
-                               pooled_projection_dim=64, out_channels=4, pos_embed_max_size=64).eval()
-    vae = AutoencoderKL(block_out_channels=(4, 4, 4, 4), in_channels=3, out_channels=3, latent_channels=4,
-                        norm_num_groups=2, down_block_types=["DownEncoderBlock2D"] * 4,
-                        up_block_types=["UpDecoderBlock2D"] * 4, shift_factor=0.0609, scaling_factor=1.5035).eval()
-    t5tok = T5TokenizerFast.from_pretrained(t5_tokenizer_dir())
-    t5 = T5EncoderModel(T5Config(d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2, vocab_size=len(t5tok))).eval()
-    tok = CLIPTokenizer.from_pretrained(clip_tokenizer_dir(), model_max_length=77)
-    return tr, vae, (_clip(), _clip(), t5), (tok, tok, t5tok)
-
-
 @pytest.fixture(scope="module")
 def parts():
     torch.set_num_threads(1)
@@ -81,25 +48,9 @@ def _backbone(parts, **cfg):
                                                                     **cfg})
 
 
-def _pipe(parts, scheduler):
-    tr, vae, (t1, t2, t3), (k1, k2, k3) = parts
-    return StableDiffusion3Pipeline(transformer=tr, scheduler=scheduler, vae=vae, text_encoder=t1, tokenizer=k1,
-                                    text_encoder_2=t2, tokenizer_2=k2, text_encoder_3=t3, tokenizer_3=k3)
-
-
 def _call(pipe, z, steps, **kw):
     return pipe(PROMPTS, num_inference_steps=steps, guidance_scale=4.5, latents=z.clone(), output_type="latent",
                 height=RES, width=RES, max_sequence_length=MAX_SEQ, **kw).images
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
-def _misaligned(pipe):
-    """Weights not on torch's 64-byte allocation boundary (e.g. views of a memory-mapped safetensors file)."""
-    return [f"{c}.{n}" for c, m in pipe.components.items() if isinstance(m, torch.nn.Module)
-            for n, t in (*m.named_parameters(), *m.named_buffers()) if t.data_ptr() % CPU_ALIGNMENT]
 
 
 # ---------------------------------------------------------------------- parity with the pipeline

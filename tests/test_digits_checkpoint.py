@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from epd.backbones.digits import FORMAT, DigitsBackbone, build_net, load_model, save_model
-from epd.backbones.digits_classifier import DigitsClassifier, DigitsClassifierConfig, load_classifier, save_classifier
+from epd.backbones.digits.classifier import DigitsClassifier, DigitsClassifierConfig, load_classifier, save_classifier
 from epd.errors import EPDError
 
 ARCH = {"resolution": 8, "channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attention": True,

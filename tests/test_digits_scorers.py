@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from epd.backbones.digits import PROMPTS, load_split
-from epd.backbones.digits_classifier import (DigitsClassifierConfig, fd_from_stats, feature_stats, frechet_distance,
+from epd.backbones.digits.classifier import (DigitsClassifierConfig, fd_from_stats, feature_stats, frechet_distance,
                                              save_classifier, sqrtm_psd, train_classifier)
-from epd.backbones.digits_scorers import make_accuracy, make_alignment, make_fd, make_realism, make_typicality
+from epd.backbones.digits.scorers import make_accuracy, make_alignment, make_fd, make_realism, make_typicality
 from epd.errors import EPDError
 
 

@@ -11,7 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from epd.backbones.digits import load_model
-from epd.backbones.digits_train import DigitsTrainConfig, load_train_config, train
+from epd.backbones.digits.train import DigitsTrainConfig, load_train_config, train
 from epd.cli import main as cli_main
 from epd.errors import ConfigError, EPDError
 

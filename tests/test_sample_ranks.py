@@ -19,7 +19,7 @@ SEEDS = "3-9"  # 7 seeds: an uneven split over 2 ranks
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    from epd.backbones.digits_train import DigitsTrainConfig, train
+    from epd.backbones.digits.train import DigitsTrainConfig, train
 
     root = tmp_path_factory.mktemp("ranks")
     train(DigitsTrainConfig.from_dict(TINY_DIGITS), root / "digits", progress=False)

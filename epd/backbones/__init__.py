@@ -1,7 +1,8 @@
 """Backbone adapters implementing the Denoiser contract (:mod:`epd.backbones.base`).
 
-:func:`load_backbone` builds one from a config section (``kind`` picks the adapter); heavy packages are imported
-only for the kind requested.
+:func:`backbone_class` gives the adapter class of a kind, whose capabilities (:mod:`epd.backbones.adapter`) can be
+read without loading weights; :func:`load_backbone` builds a backbone from a config section through that class.
+Heavy packages are imported only for the kind requested.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ import importlib
 
 from ..errors import ConfigError
 
+__all__ = ["KINDS", "backbone_class", "kinds_with", "load_backbone"]
+
+# kind -> module whose ``BACKBONE`` is the adapter class.
 KINDS = {
     "digits": "epd.backbones.digits",
     "gmm": "epd.backbones.gmm",
@@ -19,27 +23,32 @@ KINDS = {
 }
 
 
+def backbone_class(kind: str) -> type:
+    """The adapter class of backbone ``kind`` (a :class:`~epd.backbones.adapter.BackboneAdapter`), importing only
+    that adapter's module.
+
+    Raises:
+        ConfigError: ``kind`` is not one of :data:`KINDS`.
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"backbone kind: unknown {kind!r}; accepted: {sorted(KINDS)}")
+    return importlib.import_module(KINDS[kind]).BACKBONE
+
+
+def kinds_with(capability: str) -> list[str]:
+    """The kinds whose class has ``capability`` (see :data:`epd.backbones.adapter.CAPABILITIES`), in :data:`KINDS`
+    order."""
+    return [k for k in KINDS if backbone_class(k).supports(capability)]
+
+
 def load_backbone(section: dict, device: str = "cpu", **kw):
     """Build the backbone described by a config section (``{"kind": ..., ...}``).
 
     Args:
         section (`dict`): the config's ``backbones.<name>`` entry; ``kind`` is one of :data:`KINDS`.
         device (`str`): torch device.
-        kw: forwarded to the adapter's ``load`` (e.g. ``weights_dir`` for the digits backbone).
+        kw: forwarded to the class's ``from_section`` (e.g. ``weights_dir`` for a backbone loaded from a
+            weights folder).
     """
     kind = section.get("kind", section.get("name"))
-    if kind not in KINDS:
-        raise ConfigError(f"backbone kind: unknown {kind!r}; accepted: {sorted(KINDS)}")
-    if kind == "gmm":
-        from .gmm import GMMBackbone, make_gmm
-
-        return GMMBackbone(make_gmm(**section.get("gmm", {})), guidance=float(section.get("guidance", 1.0)))
-    if kind == "digits":
-        from .digits import DigitsBackbone
-
-        wdir = kw.get("weights_dir") or section.get("weights")
-        if not wdir:
-            raise ConfigError("backbone digits: no trained model folder given (--weights DIR, the output of "
-                              "`epd backbone train`, or backbones.<name>.weights in the config)")
-        return DigitsBackbone.load(wdir, guidance=float(section.get("guidance", 1.0)), device=device)
-    return importlib.import_module(KINDS[kind]).load(section, device=device, **kw)
+    return backbone_class(kind).from_section(section, device=device, **kw)

@@ -8,8 +8,6 @@ fails at once with one error listing every missing file and every place it was l
 
 from __future__ import annotations
 
-import importlib
-
 from ..config import backbone_section, load_config
 from ..io import atomic_write_json
 from .weights import check_all
@@ -35,12 +33,12 @@ def study_weights(sec: dict) -> list[tuple[str, str]]:
 def run(args):
     sec = backbone_section(load_config(args.config), args.backbone)
     kind = sec["kind"]
-    from . import KINDS
+    from . import backbone_class
 
     found = check_all(study_weights(sec), explicit={kind: sec.get("model_path")})
-    mod = importlib.import_module(KINDS[kind])
-    if hasattr(mod, "check"):
-        mod.check(sec)  # every required file of the folder, without loading weights
+    cls = backbone_class(kind)
+    if cls.needs_weights_check:
+        cls.check(sec)  # every required file of the folder, without loading weights
     atomic_write_json(args.out, {"backbone": args.backbone, "kind": kind,
                                  "paths": {f"{k}/{n}": str(p) for (k, n), p in found.items()}})
     print(f"{args.backbone}: weights found at {found[('backbone', kind)]} "

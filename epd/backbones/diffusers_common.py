@@ -1,11 +1,13 @@
 """Shared pieces of the diffusers backbone adapters (SD1.5, SD3, FLUX).
 
-* :func:`parse_settings` — the backbone section of a config (with the original ``backend_config`` aliases),
-  validated key by key.
+* :class:`~epd.backbones.diffusers_settings.DiffusersSettings` — typed settings, validated key by key (with the
+  original ``backend_config`` aliases); each adapter subclasses it.
 * :func:`check_weights_folder` — a local diffusers folder is complete and of the right architecture; one error
   lists every missing file before anything is loaded.
-* :class:`DiffusersBackbone` — what every adapter shares: deterministic noise from seeds, VAE decoding, the
-  grid an EPD table asks for, and the table/config compatibility check.
+* :class:`DiffusersBackbone` — what every adapter shares: loading (:meth:`~DiffusersBackbone.from_pretrained`,
+  :meth:`~DiffusersBackbone.from_components`, :meth:`~DiffusersBackbone.from_section`) and checking
+  (:meth:`~DiffusersBackbone.check`) from what the adapter declares, deterministic noise from seeds, VAE decoding,
+  the grid an EPD table asks for, and the table/config compatibility check.
 * :class:`FlowDenoiser` — the flow-matching denoiser in ``"flow"`` or ``"edm"`` coordinates around a velocity.
 """
 
@@ -20,121 +22,13 @@ import torch
 
 from ..denoiser import Prepared
 from ..errors import ConfigError
-from .weights import MissingWeightsError
+from .adapter import BackboneAdapter
+from .diffusers_settings import STUDY_KEYS, DiffusersSettings, resolve_dtype, settings_from_section
+from .weights import MissingWeightsError, resolve
 
-__all__ = ["parse_settings", "settings_from_section", "resolve_dtype", "check_weights_folder", "missing_files",
+__all__ = ["DiffusersSettings", "settings_from_section", "resolve_dtype", "check_weights_folder", "missing_files",
            "warn_truncation", "expand_cond", "place", "own_cpu_weights", "check_offload", "default_flow_schedule",
-           "DiffusersBackbone", "FlowDenoiser", "table_value", "COMMON_KEYS", "STUDY_KEYS"]
-
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-# Keys every diffusers backbone accepts, with defaults; per-backbone keys are added by each adapter.
-COMMON_KEYS = {
-    "name": None,            # sd15 | sd3 | flux
-    "model_path": None,      # explicit weights folder (else env var, data/weights/, HF cache: weights.resolve)
-    "resolution": None,      # image side in pixels
-    "dtype": "auto",         # auto | float32 | float16 | bfloat16 (auto: the backbone's CUDA dtype, float32 on CPU)
-    "offload": "none",       # none | model | sequential (diffusers CPU offload; CUDA only)
-    "coords": None,          # edm | flow (flow backbones only)
-    "schedule": None,        # default grid name for sigmas()
-    "guidance_scale": None,  # CFG scale (SD1.5/SD3) or embedded guidance (FLUX)
-    "vae_batch": 4,          # images per VAE decode call
-    "device": None,          # execution device (else the caller's)
-}
-# The original's backend_config / predictor names -> ours.
-ALIASES = {"torch_dtype": "dtype", "guidance_rate": "guidance_scale", "guidance": "guidance_scale",
-           "model_name_or_path": "model_path", "model_id": "model_path", "flowmatch_shift": "shift",
-           "flowmatch_mu": "mu", "backend": "name"}
-IGNORED_ORIGINAL_KEYS = ("latent_resolution", "sigma_min", "sigma_max")
-
-
-def parse_settings(name: str, config: dict | None, defaults: dict) -> dict:
-    """Validate the backbone section ``config`` against ``COMMON_KEYS | defaults``.
-
-    Args:
-        name (`str`): the adapter's registry name.
-        config (`dict`): user settings; the original's ``backend_config`` keys are accepted as aliases
-            (``torch_dtype``, ``enable_model_cpu_offload``, ``enable_sequential_cpu_offload``, ``flowmatch_mu`` ...).
-        defaults (`dict`): the adapter's own keys and defaults (override ``COMMON_KEYS`` defaults).
-
-    Returns:
-        `dict`: every accepted key with a value.
-    """
-    allowed = {**COMMON_KEYS, **defaults}
-    out = dict(allowed)
-    for key, value in (config or {}).items():
-        if key == "enable_model_cpu_offload":
-            out["offload"] = "model" if value else out["offload"]
-            continue
-        if key == "enable_sequential_cpu_offload":
-            out["offload"] = "sequential" if value else out["offload"]
-            continue
-        if key in IGNORED_ORIGINAL_KEYS:
-            continue
-        key = ALIASES.get(key, key)
-        if key not in allowed:
-            raise ConfigError(f"backbone.{key}: unknown setting for backbone {name!r}; accepted: {sorted(allowed)}")
-        out[key] = value
-    if out["name"] not in (None, name) and not (name == "sd15" and out["name"] == "ldm"):
-        raise ConfigError(f"backbone.name: {out['name']!r} given to the {name} adapter")
-    out["name"] = name
-    if out["offload"] not in ("none", "model", "sequential", None, False):
-        raise ConfigError(f"backbone.offload: expected none, model or sequential, got {out['offload']!r}")
-    out["offload"] = out["offload"] or "none"
-    if out["dtype"] not in ("auto", None) and str(out["dtype"]) not in DTYPES:
-        raise ConfigError(f"backbone.dtype: expected auto or one of {sorted(DTYPES)}, got {out['dtype']!r}")
-    if out["coords"] not in ("edm", "flow"):
-        raise ConfigError(f"backbone.coords: expected 'edm' or 'flow', got {out['coords']!r}")
-    if not isinstance(out["vae_batch"], int) or out["vae_batch"] < 1:
-        raise ConfigError(f"backbone.vae_batch: expected a positive integer, got {out['vae_batch']!r}")
-    if out["resolution"] is not None and (not isinstance(out["resolution"], int) or out["resolution"] <= 0):
-        raise ConfigError(f"backbone.resolution: expected a positive integer (pixels), got {out['resolution']!r}")
-    try:
-        out["guidance_scale"] = float(out["guidance_scale"])
-    except (TypeError, ValueError):
-        raise ConfigError(f"backbone.guidance_scale: expected a number, got {out['guidance_scale']!r}") from None
-    return out
-
-
-# Keys of a workflow backbone section (workflow/schemas/config.schema.yaml) that describe the study, not the model.
-STUDY_KEYS = ("solvers", "nfes", "distill_nfes", "rdpo_nfes", "metrics", "predictors", "prompts", "student", "teacher",
-              "distill", "rdpo", "train", "bench", "sample")
-
-
-def settings_from_section(name: str, section: dict | None) -> dict:
-    """Adapter settings from a workflow ``backbones.<key>`` section.
-
-    ``kind`` must be ``name``; ``guidance``, ``model_path``, ``resolution``, ``coords`` are read from the section and
-    everything in ``backend_config`` (our keys or the original's ``backend_config`` keys) overrides them. The study
-    keys (solvers, nfes, student, ...) are ignored here.
-
-    Returns:
-        `dict`: input for :func:`parse_settings`.
-    """
-    section = dict(section or {})
-    kind = section.pop("kind", name)
-    if kind not in (name, "ldm" if name == "sd15" else name):
-        raise ConfigError(f"backbone.kind: {kind!r} given to the {name} adapter")
-    section.pop("name", None)  # the section's key in the config (e.g. sd3_512), not the adapter
-    extra = section.pop("backend_config", None) or {}
-    if not isinstance(extra, dict):
-        raise ConfigError(f"backbone.backend_config: expected a mapping, got {type(extra).__name__}")
-    cfg = {k: v for k, v in section.items() if k not in STUDY_KEYS}
-    if "guidance" in cfg:
-        cfg["guidance_scale"] = cfg.pop("guidance")
-    cfg.update(extra)
-    return cfg
-
-
-def resolve_dtype(setting: Any, device: str | torch.device, cuda_default: torch.dtype) -> torch.dtype:
-    """``auto`` -> ``cuda_default`` on CUDA, float32 elsewhere; names and torch dtypes pass through."""
-    if isinstance(setting, torch.dtype):
-        return setting
-    if setting in (None, "auto"):
-        return cuda_default if torch.device(device).type == "cuda" else torch.float32
-    return DTYPES[str(setting)]
+           "DiffusersBackbone", "FlowDenoiser", "table_value", "STUDY_KEYS"]
 
 
 # ---------------------------------------------------------------------- weights folders
@@ -353,18 +247,147 @@ def table_value(table, key: str):
 
 
 # ---------------------------------------------------------------------- shared backbone behaviour
-class DiffusersBackbone:
+class DiffusersBackbone(BackboneAdapter):
     """Base of the SD1.5/SD3/FLUX adapters (see :class:`~epd.backbones.base.Backbone`).
 
-    Subclasses set ``name``, ``flow``, ``device``, ``latent_shape``, ``denoiser``, ``vae``, ``settings`` and implement
-    ``prepare``, ``sigmas`` and ``sigmas_for_table``.
+    It carries loading and checking once (capability ``needs_weights_check``: :meth:`check` validates the local
+    folder before any job loads it); each adapter declares what differs:
+
+    Attributes:
+        name (`str`): registry name (the config's ``kind``).
+        Settings (`type`): the adapter's :class:`~epd.backbones.diffusers_settings.DiffusersSettings` subclass.
+        pipeline_class (`str`): the diffusers pipeline class, also the ``_class_name`` its folder's
+            ``model_index.json`` must name.
+        pipeline_kwargs (`dict`): extra arguments of the pipeline's constructor and ``from_pretrained``.
+        default_scheduler_config (`dict`): the released scheduler config (its ``_class_name`` builds the
+            scheduler of :meth:`from_components`).
+        default_dtype (`torch.dtype`): weights dtype on CUDA when ``dtype`` is ``auto`` (float32 on CPU).
+        weights_name (`str`): entry ``("backbone", weights_name)`` of :data:`epd.backbones.weights.REGISTRY`
+            (its env var, ``data/weights/`` folder and HF repo; :attr:`weights_env`).
+        layout (`dict`): required folder layout, subfolder -> what it holds (see :func:`check_weights_folder`).
+        component_classes (`dict`): subfolder -> ``_class_name`` its ``config.json`` must name.
+        resolutions (`tuple`, *optional*): supported image sides (None: :meth:`check_folder` decides).
+        title (`str`), resolution_message (`str`): how the unsupported-resolution error names the model.
+        table_records_resolution (`bool`): EPD tables made for it record the image resolution they were made at.
+        flow (`bool`): a rectified-flow model (noise scaling, table coordinates).
+
+    Instances set ``denoiser``, ``latent_shape`` and implement ``prepare``, ``sigmas`` and ``sigmas_for_table``.
     """
 
     name = ""
+    needs_weights_check = True
+    Settings: type[DiffusersSettings] = DiffusersSettings
+    pipeline_class = ""
+    pipeline_kwargs: dict = {}
+    default_scheduler_config: dict = {}
+    default_dtype = torch.float16
+    weights_name = ""
+    layout: dict = {}
+    component_classes: dict = {}
+    resolutions: tuple | None = None
+    resolution_message = "{title} runs at {allowed} px here, got {got}"
+    title = ""
+    table_records_resolution = True
     flow = False
     vae = None
-    settings: dict = {}
+    settings: DiffusersSettings = DiffusersSettings()
     latent_shape: tuple = ()
+
+    def __init__(self, pipe, settings: DiffusersSettings, device):
+        self.pipe = pipe
+        self.settings = settings
+        self.device = torch.device(device)
+        self.vae = pipe.vae
+        self.scheduler_config = dict(pipe.scheduler.config)
+
+    @property
+    def vae_scale(self) -> int:
+        """The VAE's downsampling factor (8 when built without a VAE)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 8
+
+    # ------------------------------------------------------------------ construction and checks
+    @classmethod
+    def parse_settings(cls, config: dict | None) -> DiffusersSettings:
+        """Validated settings (see :attr:`Settings`) from a ``backbone_config`` mapping."""
+        return cls.Settings.from_config(config)
+
+    @classmethod
+    def weights_env(cls) -> str | None:
+        """The environment variable that may point at this backbone's weights folder."""
+        from .weights import REGISTRY
+
+        return REGISTRY[("backbone", cls.weights_name)].env
+
+    @classmethod
+    def check_folder(cls, folder: Path, settings: DiffusersSettings) -> None:
+        """Adapter-specific checks of a complete folder of the right pipeline (read configs, load nothing)."""
+
+    @classmethod
+    def _check(cls, settings: DiffusersSettings, path=None) -> tuple[Path, str | None]:
+        """Supported resolution, then the resolved folder: complete, of the right architecture (:meth:`check_folder`).
+        Returns the folder and its weight variant."""
+        if cls.resolutions is not None and settings.resolution not in cls.resolutions:
+            raise ConfigError("backbone.resolution: " + cls.resolution_message.format(
+                title=cls.title, allowed=list(cls.resolutions), got=settings.resolution))
+        folder = resolve("backbone", cls.weights_name, explicit=path or settings.model_path)
+        variant = check_weights_folder(folder, cls.name, cls.layout, cls.pipeline_class, cls.component_classes)
+        cls.check_folder(folder, settings)
+        return folder, variant
+
+    @classmethod
+    def check(cls, config: dict | None = None, path=None) -> Path:
+        """Resolve the weights of a workflow ``backbones.<key>`` section and validate the folder (files,
+        architecture) and resolution without loading them.
+
+        Returns:
+            `Path`: the weights folder. Raises ``MissingWeightsError`` listing every missing file, or ``ConfigError``.
+        """
+        return cls._check(cls.parse_settings(settings_from_section(cls.name, config, cls.Settings.names)), path)[0]
+
+    @classmethod
+    def from_pretrained(cls, path=None, *, config: dict | None = None, device="cpu", dtype=None):
+        """Load from a local diffusers folder (never downloads).
+
+        Args:
+            path (`str`, *optional*): folder; else ``config["model_path"]``, the adapter's env var
+                (:meth:`weights_env`), ``data/weights/...``, the offline HF cache
+                (:func:`epd.backbones.weights.resolve`).
+            config (`dict`): backbone settings (see :attr:`Settings`).
+            dtype: overrides ``config["dtype"]`` (default :attr:`default_dtype` on CUDA, float32 on CPU).
+        """
+        import diffusers
+
+        settings = cls.parse_settings(config)
+        device = settings.device or device
+        check_offload(settings.offload, device)
+        folder, variant = cls._check(settings, path)
+        dtype = resolve_dtype(dtype or settings.dtype, device, cls.default_dtype)
+        pipe = getattr(diffusers, cls.pipeline_class).from_pretrained(
+            str(folder), torch_dtype=dtype, variant=variant, local_files_only=True, **cls.pipeline_kwargs)
+        place(pipe, settings.offload, device)
+        return cls(pipe, settings, device)
+
+    @classmethod
+    def from_section(cls, section: dict, device="cpu", **_):
+        """Load the backbone described by a workflow ``backbones.<key>`` section (adapter settings at its top level
+        or in ``backend_config``) from local weights only."""
+        return cls.from_pretrained(None, config=settings_from_section(cls.name, section, cls.Settings.names),
+                                   device=device)
+
+    @classmethod
+    def _assemble(cls, components: dict, scheduler_config: dict | None, config: dict | None, device, dtype):
+        """The adapter around already-built modules: evaluation mode on ``device`` (cast to ``dtype`` when given),
+        the released scheduler (or ``scheduler_config``) and the pipeline of :attr:`pipeline_class`."""
+        import diffusers
+
+        settings = cls.parse_settings(config)
+        for m in components.values():
+            if isinstance(m, torch.nn.Module):
+                m.eval().to(device=device, dtype=dtype) if dtype is not None else m.eval().to(device)
+        sched_cls = getattr(diffusers, cls.default_scheduler_config["_class_name"])
+        sched = sched_cls.from_config(scheduler_config or cls.default_scheduler_config)
+        pipe = getattr(diffusers, cls.pipeline_class)(scheduler=sched, **components, **cls.pipeline_kwargs)
+        return cls(pipe, settings, device)
 
     @property
     def coords(self) -> str:
@@ -380,7 +403,7 @@ class DiffusersBackbone:
 
     @property
     def resolution(self) -> int:
-        return int(self.settings["resolution"])
+        return int(self.settings.resolution)
 
     def noise(self, seeds: list[int], sigma: float | None = None) -> torch.Tensor:
         """Initial states: per seed ``randn(latent_shape)`` from ``torch.Generator("cpu").manual_seed(seed)`` (the
@@ -413,7 +436,7 @@ class DiffusersBackbone:
         cfg = self.vae.config
         vae_dtype = next(self.vae.parameters()).dtype
         out = []
-        for chunk in torch.split(x, self.settings["vae_batch"]):
+        for chunk in torch.split(x, self.settings.vae_batch):
             lat = chunk / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
             img = self.vae.decode(lat.to(self.device, vae_dtype), return_dict=False)[0]
             out.append((img.float() / 2 + 0.5).clamp(0, 1))
@@ -422,8 +445,9 @@ class DiffusersBackbone:
     def check_table(self, table, *, strict_guidance: bool = False) -> None:
         """Raise :class:`ConfigError` when an EPD table was made for another backbone, resolution or coordinates.
 
-        SD1.5 tables of the original record a meaningless ``img_resolution=1024`` (spec §4.5), so the resolution
-        is compared for SD3/FLUX only. A different guidance scale warns (or raises with ``strict_guidance``).
+        The resolution is compared where tables record it (:attr:`table_records_resolution`; SD1.5 tables of the
+        original record a meaningless ``img_resolution=1024``, spec §4.5). A different guidance scale warns (or
+        raises with ``strict_guidance``).
         """
         meta = getattr(table, "meta", {}) or {}
         problems = []
@@ -432,7 +456,7 @@ class DiffusersBackbone:
         if bb is not None and bb != self.name:
             problems.append(f"backbone: predictor is for {bb!r}, the config loads {self.name!r}")
         res = table_value(table, "img_resolution") or table_value(table, "resolution")
-        if self.name != "sd15" and res is not None and int(res) != self.resolution:
+        if self.table_records_resolution and res is not None and int(res) != self.resolution:
             problems.append(f"resolution: predictor was made at {int(res)} px, backbone.resolution is "
                             f"{self.resolution}")
         coords = meta.get("coords") or ("flow" if self.flow else "edm")
@@ -442,9 +466,9 @@ class DiffusersBackbone:
             raise ConfigError("predictor does not match the backbone config: " + "; ".join(problems)
                               + " (use a predictor made for this backbone, or change the config)")
         rate = meta.get("guidance_rate")
-        if rate is not None and abs(float(rate) - self.settings["guidance_scale"]) > 1e-9:
+        if rate is not None and abs(float(rate) - self.settings.guidance_scale) > 1e-9:
             msg = (f"predictor was tuned at guidance {rate}, backbone.guidance_scale is "
-                   f"{self.settings['guidance_scale']}")
+                   f"{self.settings.guidance_scale}")
             if strict_guidance:
                 raise ConfigError(msg)
             warnings.warn(msg, UserWarning, stacklevel=2)
@@ -455,12 +479,12 @@ class DiffusersBackbone:
         return self.sigmas_for_table(table)
 
 
-def default_flow_schedule(settings: dict) -> str:
+def default_flow_schedule(settings: DiffusersSettings) -> str:
     """``backbone.schedule``, else ``flowmatch`` in flow coordinates and ``flowmatch_dpm`` (starts below t = 1) in
     EDM coordinates."""
     from ..flow_schedules import FLOW_SCHEDULES
 
-    name = settings["schedule"] or ("flowmatch" if settings["coords"] == "flow" else "flowmatch_dpm")
+    name = settings.schedule or ("flowmatch" if settings.coords == "flow" else "flowmatch_dpm")
     if name not in FLOW_SCHEDULES:
         raise ConfigError(f"backbone.schedule: expected one of {list(FLOW_SCHEDULES)}, got {name!r}")
     return name

@@ -4,36 +4,29 @@ Guidance-distilled rectified flow: the guidance scale (3.5) enters as the transf
 **no** batch doubling and no negative prompt (spec §3.4, §7.3). The solver sees a 4-D latent
 ``(16, 2 * (res // 16), 2 * (res // 16))``; the adapter packs it into 2x2 patches (``(res/16)^2`` tokens x 64)
 with ``latent_image_ids`` for the transformer and unpacks the velocity; the transformer's time input is ``t``.
-Grids (:mod:`epd.backbones.flow_schedules`) use ``mu`` from the packed token count (1.15 at 1024x1024):
+Grids (:mod:`epd.flow_schedules`) use ``mu`` from the packed token count (1.15 at 1024x1024):
 ``flowmatch`` (the original's ``s = linspace(1, 1/1000, N)``), ``flowmatch_official`` (``FluxPipeline``'s
 ``linspace(1, 1/steps, steps)`` plus 0; differs from the original, spec §2), ``flowmatch_dpm``.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 from ..denoiser import Prepared
 from ..errors import ConfigError
 from ..flow_schedules import FLOW_SCHEDULES, calculate_flux_mu, flow_to_edm, flux_sigmas
-from .diffusers_common import (DiffusersBackbone, FlowDenoiser, check_offload, check_prompts, check_weights_folder,
-                               default_flow_schedule, parse_settings, place, resolve_dtype, settings_from_section,
-                               table_value, warn_truncation)
-from .weights import resolve
+from .diffusers_common import (DiffusersBackbone, FlowDenoiser, check_prompts, default_flow_schedule, table_value,
+                               warn_truncation)
+from .diffusers_settings import DiffusersSettings
 
-__all__ = ["FluxDenoiser", "FluxBackbone", "load", "check", "DEFAULTS", "LAYOUT", "SCHEDULER_CONFIG", "RESOLUTIONS",
+__all__ = ["FluxDenoiser", "FluxBackbone", "FluxSettings", "load", "check", "LAYOUT", "SCHEDULER_CONFIG", "RESOLUTIONS",
            "pack_latents", "unpack_latents", "latent_image_ids"]
 
-DEFAULTS = {
-    "resolution": 1024,
-    "guidance_scale": 3.5,
-    "negative_prompt": None,  # FLUX.1-dev takes none (true CFG is not wired, as in the original)
-    "max_sequence_length": 512,
-    "coords": "flow",
-    "schedule": None,  # None: flowmatch (flow coords) / flowmatch_dpm (edm coords)
-    "mu": None,        # None: from the packed token count (calculate_flux_mu)
-    "shift": 3.0,      # stored by the original, unused with dynamic shifting
-}
 RESOLUTIONS = (512, 1024)
 # black-forest-labs/FLUX.1-dev/scheduler/scheduler_config.json
 SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
@@ -42,6 +35,31 @@ SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train
 LAYOUT = {"transformer": "diffusers", "vae": "diffusers", "text_encoder": "transformers",
           "text_encoder_2": "transformers", "tokenizer": "clip_tokenizer", "tokenizer_2": "t5_tokenizer",
           "scheduler": "scheduler"}
+
+
+@dataclass(frozen=True)
+class FluxSettings(DiffusersSettings):
+    """Settings of the FLUX adapter (the fields of :class:`DiffusersSettings` with FLUX.1-dev's defaults, and its
+    own)."""
+
+    names: ClassVar[tuple[str, ...]] = ("flux",)
+
+    resolution: int = 1024
+    """Image side in pixels: one of :data:`RESOLUTIONS`."""
+    coords: str = "flow"
+    """``flow`` (native ``t``, the original's) or ``edm`` (``sigma = t / (1 - t)``)."""
+    schedule: str | None = None
+    """Default grid; None: ``flowmatch`` in flow coordinates, ``flowmatch_dpm`` in EDM coordinates."""
+    guidance_scale: float = 3.5
+    """Embedded guidance: the transformer's guidance-embedding value (no batch doubling)."""
+    negative_prompt: str | None = None
+    """Must stay unset: FLUX.1-dev takes none (true CFG is not wired, as in the original)."""
+    max_sequence_length: int = 512
+    """T5 tokens per prompt (longer prompts are truncated with a warning)."""
+    mu: float | None = None
+    """Dynamic time shift of the grids; None: from the packed token count (:func:`calculate_flux_mu`)."""
+    shift: float = 3.0
+    """Stored by the original, unused with dynamic shifting."""
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:
@@ -104,18 +122,24 @@ class FluxBackbone(DiffusersBackbone):
     """FLUX.1-dev as a :class:`~epd.backbones.base.Backbone` (flow coordinates and the original's grid by default)."""
 
     name = "flux"
+    Settings = FluxSettings
+    pipeline_class = "FluxPipeline"
+    default_scheduler_config = SCHEDULER_CONFIG
+    default_dtype = torch.bfloat16
+    weights_name = "flux"
+    layout = LAYOUT
+    component_classes = {"transformer": "FluxTransformer2DModel", "vae": "AutoencoderKL"}
+    resolutions = RESOLUTIONS
+    title = "FLUX.1-dev"
     flow = True
 
-    def __init__(self, pipe, settings: dict, device):
-        self.pipe = pipe
-        self.settings = settings
-        self.device = torch.device(device)
-        self.transformer, self.vae = pipe.transformer, pipe.vae
-        self.scheduler_config = dict(pipe.scheduler.config)
-        if settings["negative_prompt"]:
+    def __init__(self, pipe, settings: FluxSettings, device):
+        super().__init__(pipe, settings, device)
+        self.transformer = pipe.transformer
+        if settings.negative_prompt:
             raise ConfigError("backbone.negative_prompt: FLUX.1-dev is guidance-distilled and takes no negative prompt "
                               "(true CFG is not wired, as in the original); remove the setting")
-        vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 8
+        vae_scale = self.vae_scale
         if self.resolution % (vae_scale * 2):
             raise ConfigError(f"backbone.resolution: {self.resolution} must be a multiple of {vae_scale * 2} "
                               f"(VAE factor {vae_scale} x 2x2 packing)")
@@ -123,12 +147,12 @@ class FluxBackbone(DiffusersBackbone):
         self.latent_shape = (self.transformer.config.in_channels // 4, lat, lat)
         cfg = self.scheduler_config
         self.image_seq_len = (lat // 2) ** 2
-        self.mu = float(settings["mu"]) if settings["mu"] is not None else calculate_flux_mu(
+        self.mu = float(settings.mu) if settings.mu is not None else calculate_flux_mu(
             self.image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
         self.default_schedule = default_flow_schedule(settings)
-        t_max = 1.0 if settings["coords"] == "flow" else float(flux_sigmas(3, self.mu, "flowmatch_dpm")[0])
-        self.denoiser = FluxDenoiser(self.transformer, settings["guidance_scale"], settings["coords"], 1e-3, t_max,
+        t_max = 1.0 if settings.coords == "flow" else float(flux_sigmas(3, self.mu, "flowmatch_dpm")[0])
+        self.denoiser = FluxDenoiser(self.transformer, settings.guidance_scale, settings.coords, 1e-3, t_max,
                                      self.device)
 
     # ------------------------------------------------------------------ construction
@@ -144,36 +168,19 @@ class FluxBackbone(DiffusersBackbone):
             text_encoders (`tuple`): ``(CLIPTextModel, T5EncoderModel)`` or Nones.
             tokenizers (`tuple`): ``(CLIPTokenizer, T5TokenizerFast)``.
             scheduler_config (`dict`, *optional*): defaults to FLUX.1-dev's (dynamic shifting, 0.5 -> 1.15).
-            config (`dict`): backbone settings (see :data:`DEFAULTS`).
+            config (`dict`): backbone settings (see :class:`FluxSettings`).
         """
-        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-
-        settings = parse_settings("flux", config, DEFAULTS)
-        for m in (transformer, vae, *text_encoders):
-            if m is not None:
-                m.eval().to(device=device, dtype=dtype) if dtype is not None else m.eval().to(device)
-        sched = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config or SCHEDULER_CONFIG)
-        pipe = FluxPipeline(scheduler=sched, vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0],
-                            text_encoder_2=text_encoders[1], tokenizer_2=tokenizers[1], transformer=transformer)
-        return cls(pipe, settings, device)
+        return cls._assemble({"vae": vae, "text_encoder": text_encoders[0], "tokenizer": tokenizers[0],
+                              "text_encoder_2": text_encoders[1], "tokenizer_2": tokenizers[1],
+                              "transformer": transformer}, scheduler_config, config, device, dtype)
 
     @classmethod
-    def from_pretrained(cls, path=None, *, config: dict | None = None, device="cpu", dtype=None) -> "FluxBackbone":
-        """Load FLUX.1-dev from a local diffusers folder (``FLUX_MODEL_PATH``, ``data/weights/flux1-dev``, HF cache).
-
-        Args:
-            config (`dict`): backbone settings; ``dtype`` defaults to bfloat16 on CUDA.
-        """
-        from diffusers import FluxPipeline
-
-        settings = parse_settings("flux", config, DEFAULTS)
-        device = settings["device"] or device
-        check_offload(settings["offload"], device)
-        folder, variant = _check(settings, path)
-        dtype = resolve_dtype(dtype or settings["dtype"], device, torch.bfloat16)
-        pipe = FluxPipeline.from_pretrained(str(folder), torch_dtype=dtype, variant=variant, local_files_only=True)
-        place(pipe, settings["offload"], device)
-        return cls(pipe, settings, device)
+    def check_folder(cls, folder, settings: FluxSettings) -> None:
+        """The guidance-distilled FLUX.1-dev: its transformer has a guidance embedding."""
+        tcfg = json.loads((folder / "transformer" / "config.json").read_text())
+        if not tcfg.get("guidance_embeds", False):
+            raise ConfigError(f"weights at {folder}: the transformer has no guidance embedding (FLUX.1-schnell?); "
+                              "this backbone is the guidance-distilled FLUX.1-dev")
 
     # ------------------------------------------------------------------ Backbone protocol
     @torch.no_grad()
@@ -187,9 +194,9 @@ class FluxBackbone(DiffusersBackbone):
         if p.text_encoder is None or p.text_encoder_2 is None or p.tokenizer is None or p.tokenizer_2 is None:
             raise ConfigError("prepare: this FLUX backbone was built without its text encoders; use prepare_embeds()")
         warn_truncation(p.tokenizer, prompts, p.tokenizer_max_length, "CLIP text encoder")
-        warn_truncation(p.tokenizer_2, prompts, self.settings["max_sequence_length"], "T5 (max_sequence_length)")
+        warn_truncation(p.tokenizer_2, prompts, self.settings.max_sequence_length, "T5 (max_sequence_length)")
         emb, pooled, _ = p.encode_prompt(prompts, None, device=self.device,
-                                         max_sequence_length=self.settings["max_sequence_length"])
+                                         max_sequence_length=self.settings.max_sequence_length)
         return self.prepare_embeds(emb, pooled)
 
     def prepare_embeds(self, embeds: torch.Tensor, pooled: torch.Tensor) -> Prepared:
@@ -220,32 +227,6 @@ class FluxBackbone(DiffusersBackbone):
         return self.sigmas(table.num_steps, schedule, mu=table_value(table, "flowmatch_mu"))
 
 
-def _check(settings: dict, path=None):
-    import json
-
-    if settings["resolution"] not in RESOLUTIONS:
-        raise ConfigError(f"backbone.resolution: FLUX.1-dev runs at {list(RESOLUTIONS)} px here, "
-                          f"got {settings['resolution']}")
-    folder = resolve("backbone", "flux", explicit=path or settings["model_path"])
-    variant = check_weights_folder(folder, "flux", LAYOUT, "FluxPipeline",
-                                   {"transformer": "FluxTransformer2DModel", "vae": "AutoencoderKL"})
-    tcfg = json.loads((folder / "transformer" / "config.json").read_text())
-    if not tcfg.get("guidance_embeds", False):
-        raise ConfigError(f"weights at {folder}: the transformer has no guidance embedding (FLUX.1-schnell?); "
-                          "this backbone is the guidance-distilled FLUX.1-dev")
-    return folder, variant
-
-
-def check(config: dict | None = None, path=None):
-    """Resolve FLUX.1-dev weights and validate the folder (files, architecture) and resolution without loading.
-
-    Returns:
-        `Path`: the weights folder. Raises ``MissingWeightsError`` listing every missing file, or ``ConfigError``.
-    """
-    return _check(parse_settings("flux", settings_from_section("flux", config), DEFAULTS), path)[0]
-
-
-def load(config: dict, device="cpu", **_) -> FluxBackbone:
-    """Load the backbone described by a workflow ``backbones.<key>`` section (``kind: flux``; adapter settings
-    at its top level or in ``backend_config``) from local weights only."""
-    return FluxBackbone.from_pretrained(None, config=settings_from_section("flux", config), device=device)
+BACKBONE = FluxBackbone
+check = FluxBackbone.check
+load = FluxBackbone.from_section

@@ -20,6 +20,7 @@ import torch
 
 from ..denoiser import repeat_cond
 from ..errors import ConfigError
+from .adapter import BackboneAdapter
 
 __all__ = ["GMM", "GMMDenoiser", "GMMBackbone", "reference_solution", "make_gmm"]
 
@@ -113,8 +114,11 @@ class GMMDenoiser:
         return (d_u + self.guidance * (d_c - d_u)).reshape(shape)
 
 
-class GMMBackbone:
-    """The GMM as a :class:`~epd.backbones.base.Backbone` (prompts ``"0"``, ``"1"``, ... name classes)."""
+class GMMBackbone(BackboneAdapter):
+    """The GMM as a :class:`~epd.backbones.base.Backbone` (prompts ``"0"``, ``"1"``, ... name classes).
+
+    Analytic: no weights, nothing to train or check, no capability of :mod:`epd.backbones.adapter`.
+    """
 
     name = "gmm"
     coords = "edm"
@@ -124,6 +128,11 @@ class GMMBackbone:
         self.gmm = gmm or make_gmm()
         self.denoiser = GMMDenoiser(self.gmm, guidance)
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    @classmethod
+    def from_section(cls, section: dict, device: str = "cpu", **_) -> "GMMBackbone":
+        """The mixture of ``section["gmm"]`` (:func:`make_gmm` arguments) with ``section["guidance"]``."""
+        return cls(make_gmm(**section.get("gmm", {})), guidance=float(section.get("guidance", 1.0)))
 
     def prepare(self, prompts: list[str]) -> torch.Tensor:
         try:
@@ -147,6 +156,9 @@ class GMMBackbone:
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+
+BACKBONE = GMMBackbone
 
 
 def reference_solution(denoiser, x: torch.Tensor, sigma_from: float, sigma_to: float, cond=None,

@@ -18,26 +18,22 @@ doubled batch. The UNet timestep ``tau(sigma)`` has three readings (``timestep_m
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 from ..denoiser import Prepared
 from ..errors import ConfigError
 from ..schedules import VPTable, discrete_vp, get_schedule, scaled_linear_alphas_cumprod, vp_spacing
-from .diffusers_common import (DiffusersBackbone, bcast, check_offload, check_prompts, check_weights_folder,
-                               expand_cond, parse_settings, per_sample, place, resolve_dtype, settings_from_section,
-                               table_value, warn_truncation)
-from .weights import resolve
+from .diffusers_common import (DiffusersBackbone, bcast, check_prompts, expand_cond, per_sample, table_value,
+                               warn_truncation)
+from .diffusers_settings import DiffusersSettings
 
-__all__ = ["SD15Denoiser", "SD15Backbone", "load", "check", "DEFAULTS", "LAYOUT", "SCHEDULER_CONFIG", "TIMESTEP_MODES"]
+__all__ = ["SD15Denoiser", "SD15Backbone", "SD15Settings", "load", "check", "LAYOUT", "SCHEDULER_CONFIG",
+           "TIMESTEP_MODES"]
 
-DEFAULTS = {
-    "resolution": 512,
-    "guidance_scale": 7.5,
-    "negative_prompt": "",
-    "coords": "edm",
-    "schedule": "discrete",
-    "timestep_mode": "continuous",
-}
 TIMESTEP_MODES = ("continuous", "discrete", "log_sigma")
 SCHEDULES = ("discrete", "leading", "trailing", "edm", "polynomial", "logsnr", "time_uniform")
 # stable-diffusion-v1-5/scheduler/scheduler_config.json (the values that matter here).
@@ -46,6 +42,27 @@ SCHEDULER_CONFIG = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta
                     "steps_offset": 1, "prediction_type": "epsilon", "skip_prk_steps": True, "clip_sample": False}
 LAYOUT = {"unet": "diffusers", "vae": "diffusers", "text_encoder": "transformers", "tokenizer": "clip_tokenizer",
           "scheduler": "scheduler"}
+
+
+@dataclass(frozen=True)
+class SD15Settings(DiffusersSettings):
+    """Settings of the SD1.5 adapter (the fields of :class:`DiffusersSettings` with SD1.5's defaults, and its own)."""
+
+    names: ClassVar[tuple[str, ...]] = ("sd15", "ldm")  # ``ldm``: the original's name for it
+
+    resolution: int = 512
+    """Image side in pixels: the weights' native size (512 for SD1.5)."""
+    coords: str = "edm"
+    """SD1.5 runs in ``edm`` coordinates only."""
+    schedule: str = "discrete"
+    """Default grid: ``discrete`` (the original's), ``leading``, ``trailing``, ``edm``, ``polynomial``, ``logsnr``,
+    ``time_uniform``."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance scale (1 disables CFG: one pass per evaluation)."""
+    negative_prompt: str = ""
+    """Prompt of the unconditional CFG branch."""
+    timestep_mode: str = "continuous"
+    """UNet time input: ``continuous`` (the original's), ``discrete`` or ``log_sigma`` (see the module docstring)."""
 
 
 def alphas_cumprod_from_config(scheduler_config: dict) -> torch.Tensor:
@@ -141,26 +158,32 @@ class SD15Backbone(DiffusersBackbone):
     """
 
     name = "sd15"
+    Settings = SD15Settings
+    pipeline_class = "StableDiffusionPipeline"
+    pipeline_kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    default_scheduler_config = SCHEDULER_CONFIG
+    default_dtype = torch.float16
+    weights_name = "sd15"
+    layout = LAYOUT
+    component_classes = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
+    table_records_resolution = False  # the original's SD1.5 tables record a meaningless img_resolution=1024
     flow = False
     default_schedule = "discrete"
 
-    def __init__(self, pipe, settings: dict, device):
-        self.pipe = pipe
-        self.settings = settings
-        self.device = torch.device(device)
-        self.unet, self.vae = pipe.unet, pipe.vae
+    def __init__(self, pipe, settings: SD15Settings, device):
+        super().__init__(pipe, settings, device)
+        self.unet = pipe.unet
         self.text_encoder, self.tokenizer = pipe.text_encoder, pipe.tokenizer
-        self.scheduler_config = dict(pipe.scheduler.config)
-        if settings["coords"] != "edm":
+        if settings.coords != "edm":
             raise ConfigError("backbone.coords: SD1.5 runs in 'edm' coordinates only")
-        self.default_schedule = settings["schedule"]
+        self.default_schedule = settings.schedule
         if self.default_schedule not in SCHEDULES:
             raise ConfigError(f"backbone.schedule: {self.default_schedule!r} is not available for SD1.5; accepted: "
                               f"{list(SCHEDULES)}")
         self.alphas_cumprod = alphas_cumprod_from_config(self.scheduler_config)
-        self.denoiser = SD15Denoiser(self.unet, self.alphas_cumprod, settings["guidance_scale"],
-                                     settings["timestep_mode"], self.device)
-        vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 8
+        self.denoiser = SD15Denoiser(self.unet, self.alphas_cumprod, settings.guidance_scale, settings.timestep_mode,
+                                     self.device)
+        vae_scale = self.vae_scale
         down = 2 ** (len(self.unet.config.block_out_channels) - 1)
         if self.resolution % (vae_scale * down):
             raise ConfigError(f"backbone.resolution: {self.resolution} must be a multiple of {vae_scale * down} "
@@ -178,43 +201,30 @@ class SD15Backbone(DiffusersBackbone):
             unet, vae, text_encoder, tokenizer: diffusers/transformers objects (``vae``/text parts may be None;
                 then ``decode``/``prepare`` are unavailable and :meth:`prepare_embeds` supplies conditioning).
             scheduler_config (`dict`, *optional*): defaults to SD1.5's (:data:`SCHEDULER_CONFIG`).
-            config (`dict`): backbone settings (see :data:`DEFAULTS`).
+            config (`dict`): backbone settings (see :class:`SD15Settings`).
             dtype (`torch.dtype`, *optional*): cast the modules (default: keep theirs).
         """
-        from diffusers import PNDMScheduler, StableDiffusionPipeline
-
-        settings = parse_settings("sd15", config, DEFAULTS)
-        for m in (unet, vae, text_encoder):
-            if m is not None:
-                m.eval().to(device=device, dtype=dtype) if dtype is not None else m.eval().to(device)
-        sched = PNDMScheduler.from_config(scheduler_config or SCHEDULER_CONFIG)
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=sched, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-        return cls(pipe, settings, device)
+        return cls._assemble({"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet},
+                             scheduler_config, config, device, dtype)
 
     @classmethod
-    def from_pretrained(cls, path=None, *, config: dict | None = None, device="cpu", dtype=None) -> "SD15Backbone":
-        """Load SD1.5 from a local diffusers folder (never downloads).
-
-        Args:
-            path (`str`, *optional*): folder; else ``config["model_path"]``, ``SD15_MODEL_PATH``,
-                ``data/weights/sd15``, the offline HF cache (:func:`epd.backbones.weights.resolve`).
-            config (`dict`): backbone settings.
-            dtype: overrides ``config["dtype"]`` (default float16 on CUDA, float32 on CPU).
-        """
-        from diffusers import StableDiffusionPipeline
-
-        settings = parse_settings("sd15", config, DEFAULTS)
-        device = settings["device"] or device
-        check_offload(settings["offload"], device)
-        folder, variant = _check(settings, path)
-        dtype = resolve_dtype(dtype or settings["dtype"], device, torch.float16)
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(folder), torch_dtype=dtype, variant=variant, local_files_only=True, safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
-        place(pipe, settings["offload"], device)
-        return cls(pipe, settings, device)
+    def check_folder(cls, folder, settings: SD15Settings) -> None:
+        """SD1.5's UNet and scheduler (not SD2/SDXL weights), at the resolution the weights were trained at."""
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        problems = []
+        if unet.get("cross_attention_dim") != 768 or unet.get("in_channels") != 4:
+            problems.append(f"unet cross_attention_dim={unet.get('cross_attention_dim')}, in_channels="
+                            f"{unet.get('in_channels')} (SD1.5: 768 and 4; SD2/SDXL weights are not SD1.5)")
+        if sched.get("prediction_type", "epsilon") != "epsilon":
+            problems.append(f"scheduler prediction_type={sched.get('prediction_type')!r} (SD1.5 predicts 'epsilon')")
+        if problems:
+            raise ConfigError(f"weights at {folder} are not Stable Diffusion 1.5: " + "; ".join(problems))
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        native = int(unet.get("sample_size", 64)) * 2 ** (len(vae.get("block_out_channels", (0,) * 4)) - 1)
+        if settings.resolution != native:
+            raise ConfigError(f"backbone.resolution: {settings.resolution} px, but these SD1.5 weights were trained at "
+                              f"{native} px (unet sample_size {unet.get('sample_size')}); set resolution: {native}")
 
     # ------------------------------------------------------------------ Backbone protocol
     @torch.no_grad()
@@ -228,7 +238,7 @@ class SD15Backbone(DiffusersBackbone):
             raise ConfigError("prepare: this SD1.5 backbone was built without text encoder/tokenizer; "
                               "use prepare_embeds()")
         warn_truncation(self.tokenizer, prompts, self.tokenizer.model_max_length, "CLIP text encoder")
-        neg = self.settings["negative_prompt"] if negative_prompt is None else negative_prompt
+        neg = self.settings.negative_prompt if negative_prompt is None else negative_prompt
         neg = [neg] * len(prompts) if isinstance(neg, str) else check_prompts(neg)
         cond, uncond = self.pipe.encode_prompt(prompts, self.device, 1, True, negative_prompt=neg)
         return self.prepare_embeds(cond, uncond)
@@ -276,44 +286,6 @@ class SD15Backbone(DiffusersBackbone):
                            sigma_max=table_value(table, "sigma_max"), rho=table_value(table, "schedule_rho") or 1.0)
 
 
-def _check(settings: dict, path=None):
-    folder = resolve("backbone", "sd15", explicit=path or settings["model_path"])
-    variant = check_weights_folder(folder, "sd15", LAYOUT, "StableDiffusionPipeline",
-                                   {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"})
-    _check_sd15_arch(folder, settings["resolution"])
-    return folder, variant
-
-
-def check(config: dict | None = None, path=None):
-    """Resolve SD1.5 weights and validate the folder (files, architecture, resolution) without loading them.
-
-    Returns:
-        `Path`: the weights folder. Raises ``MissingWeightsError`` listing every missing file, or ``ConfigError``.
-    """
-    return _check(parse_settings("sd15", settings_from_section("sd15", config), DEFAULTS), path)[0]
-
-
-def _check_sd15_arch(folder, resolution: int) -> None:
-    import json
-
-    unet = json.loads((folder / "unet" / "config.json").read_text())
-    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    problems = []
-    if unet.get("cross_attention_dim") != 768 or unet.get("in_channels") != 4:
-        problems.append(f"unet cross_attention_dim={unet.get('cross_attention_dim')}, in_channels="
-                        f"{unet.get('in_channels')} (SD1.5: 768 and 4; SD2/SDXL weights are not SD1.5)")
-    if sched.get("prediction_type", "epsilon") != "epsilon":
-        problems.append(f"scheduler prediction_type={sched.get('prediction_type')!r} (SD1.5 predicts 'epsilon')")
-    if problems:
-        raise ConfigError(f"weights at {folder} are not Stable Diffusion 1.5: " + "; ".join(problems))
-    vae = json.loads((folder / "vae" / "config.json").read_text())
-    native = int(unet.get("sample_size", 64)) * 2 ** (len(vae.get("block_out_channels", (0,) * 4)) - 1)
-    if resolution != native:
-        raise ConfigError(f"backbone.resolution: {resolution} px, but these SD1.5 weights were trained at {native} px "
-                          f"(unet sample_size {unet.get('sample_size')}); set resolution: {native}")
-
-
-def load(config: dict, device="cpu", **_) -> SD15Backbone:
-    """Load the backbone described by a workflow ``backbones.<key>`` section (``kind: sd15``; adapter settings
-    at its top level or in ``backend_config``) from local weights only."""
-    return SD15Backbone.from_pretrained(None, config=settings_from_section("sd15", config), device=device)
+BACKBONE = SD15Backbone
+check = SD15Backbone.check
+load = SD15Backbone.from_section

@@ -4,40 +4,55 @@ A rectified-flow velocity model ``x_t = (1 - t) x0 + t eps``. The transformer ta
 classifier-free guidance ``v_u + g (v_c - v_u)`` (``g = 4.5``, negative prompt ``""``) runs in one doubled
 batch (spec §3.4, §7.2). Coordinates (:class:`~epd.backbones.diffusers_common.FlowDenoiser`): ``"flow"``
 (native ``t``, the original's and the default) or ``"edm"`` (``sigma = t / (1 - t)``). Grids
-(:mod:`epd.backbones.flow_schedules`): ``flowmatch`` (original), ``flowmatch_official`` (pipeline),
+(:mod:`epd.flow_schedules`): ``flowmatch`` (original), ``flowmatch_official`` (pipeline),
 ``flowmatch_dpm`` (diffusers' DPM-Solver flow grid). Latents ``16 x (res/8)^2``; decode
 ``x / scaling_factor + shift_factor``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
 from ..denoiser import Prepared
 from ..errors import ConfigError
 from ..flow_schedules import FLOW_SCHEDULES, flow_to_edm, sd3_sigmas
-from .diffusers_common import (DiffusersBackbone, FlowDenoiser, check_offload, check_prompts, check_weights_folder,
-                               default_flow_schedule, parse_settings, place, resolve_dtype, settings_from_section,
-                               table_value, warn_truncation)
-from .weights import resolve
+from .diffusers_common import (DiffusersBackbone, FlowDenoiser, check_prompts, default_flow_schedule, table_value,
+                               warn_truncation)
+from .diffusers_settings import DiffusersSettings
 
-__all__ = ["SD3Denoiser", "SD3Backbone", "load", "check", "DEFAULTS", "LAYOUT", "SCHEDULER_CONFIG", "RESOLUTIONS"]
+__all__ = ["SD3Denoiser", "SD3Backbone", "SD3Settings", "load", "check", "LAYOUT", "SCHEDULER_CONFIG", "RESOLUTIONS"]
 
-DEFAULTS = {
-    "resolution": 1024,
-    "guidance_scale": 4.5,
-    "negative_prompt": "",
-    "max_sequence_length": 256,
-    "coords": "flow",
-    "schedule": None,  # None: flowmatch (flow coords) / flowmatch_dpm (edm coords, needs t < 1)
-    "shift": None,  # None: the weights' scheduler config (3.0 for SD3-Medium)
-}
 RESOLUTIONS = (512, 1024)  # what the original supports and SD3-Medium was trained for
 # stabilityai/stable-diffusion-3-medium-diffusers/scheduler/scheduler_config.json
 SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
 LAYOUT = {"transformer": "diffusers", "vae": "diffusers", "text_encoder": "transformers",
           "text_encoder_2": "transformers", "text_encoder_3": "transformers", "tokenizer": "clip_tokenizer",
           "tokenizer_2": "clip_tokenizer", "tokenizer_3": "t5_tokenizer", "scheduler": "scheduler"}
+
+
+@dataclass(frozen=True)
+class SD3Settings(DiffusersSettings):
+    """Settings of the SD3 adapter (the fields of :class:`DiffusersSettings` with SD3's defaults, and its own)."""
+
+    names: ClassVar[tuple[str, ...]] = ("sd3",)
+
+    resolution: int = 1024
+    """Image side in pixels: one of :data:`RESOLUTIONS`."""
+    coords: str = "flow"
+    """``flow`` (native ``t``, the original's) or ``edm`` (``sigma = t / (1 - t)``)."""
+    schedule: str | None = None
+    """Default grid; None: ``flowmatch`` in flow coordinates, ``flowmatch_dpm`` in EDM coordinates (needs t < 1)."""
+    guidance_scale: float = 4.5
+    """Classifier-free guidance scale (1 disables CFG: one pass per evaluation)."""
+    negative_prompt: str = ""
+    """Prompt of the unconditional CFG branch."""
+    max_sequence_length: int = 256
+    """T5 tokens per prompt (longer prompts are truncated with a warning)."""
+    shift: float | None = None
+    """Static time shift of the grids; None: the weights' scheduler config (3.0 for SD3-Medium)."""
 
 
 class SD3Denoiser(FlowDenoiser):
@@ -81,25 +96,32 @@ class SD3Backbone(DiffusersBackbone):
     """SD3 as a :class:`~epd.backbones.base.Backbone` (flow coordinates and the original's grid by default)."""
 
     name = "sd3"
+    Settings = SD3Settings
+    pipeline_class = "StableDiffusion3Pipeline"
+    default_scheduler_config = SCHEDULER_CONFIG
+    default_dtype = torch.float16  # the original's choice
+    weights_name = "sd3"
+    layout = LAYOUT
+    component_classes = {"transformer": "SD3Transformer2DModel", "vae": "AutoencoderKL"}
+    resolutions = RESOLUTIONS
+    title = "SD3-Medium"
+    resolution_message = "{title} runs at {allowed} px here (the original's settings), got {got}"
     flow = True
 
-    def __init__(self, pipe, settings: dict, device):
-        self.pipe = pipe
-        self.settings = settings
-        self.device = torch.device(device)
-        self.transformer, self.vae = pipe.transformer, pipe.vae
-        self.scheduler_config = dict(pipe.scheduler.config)
+    def __init__(self, pipe, settings: SD3Settings, device):
+        super().__init__(pipe, settings, device)
+        self.transformer = pipe.transformer
         if self.scheduler_config.get("use_dynamic_shifting"):
             raise ConfigError("weights: the SD3 scheduler config enables dynamic shifting; SD3-Medium uses a static "
                               "shift (check backbone.kind and the weights folder)")
-        shift = settings["shift"]
+        shift = settings.shift
         self.shift = float(shift if shift is not None else self.scheduler_config.get("shift", 3.0))
         self.default_schedule = default_flow_schedule(settings)
         t_min = self.shift * 1e-3 / (1 + (self.shift - 1) * 1e-3)
-        t_max = 1.0 if settings["coords"] == "flow" else float(sd3_sigmas(3, self.shift, "flowmatch_dpm")[0])
-        self.denoiser = SD3Denoiser(self.transformer, settings["guidance_scale"], settings["coords"], t_min, t_max,
+        t_max = 1.0 if settings.coords == "flow" else float(sd3_sigmas(3, self.shift, "flowmatch_dpm")[0])
+        self.denoiser = SD3Denoiser(self.transformer, settings.guidance_scale, settings.coords, t_min, t_max,
                                     self.device)
-        vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 8
+        vae_scale = self.vae_scale
         patch = self.transformer.config.patch_size
         if self.resolution % (vae_scale * patch):
             raise ConfigError(f"backbone.resolution: {self.resolution} must be a multiple of {vae_scale * patch} "
@@ -121,39 +143,12 @@ class SD3Backbone(DiffusersBackbone):
                 the T5 may be None (diffusers then uses zeros, as the pipeline does).
             tokenizers (`tuple`): ``(CLIPTokenizer, CLIPTokenizer, T5TokenizerFast)``.
             scheduler_config (`dict`, *optional*): defaults to SD3-Medium's (static shift 3.0).
-            config (`dict`): backbone settings (see :data:`DEFAULTS`).
+            config (`dict`): backbone settings (see :class:`SD3Settings`).
         """
-        from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-
-        settings = parse_settings("sd3", config, DEFAULTS)
         te1, te2, te3 = text_encoders
-        for m in (transformer, vae, te1, te2, te3):
-            if m is not None:
-                m.eval().to(device=device, dtype=dtype) if dtype is not None else m.eval().to(device)
-        sched = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config or SCHEDULER_CONFIG)
-        pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=sched, vae=vae, text_encoder=te1,
-                                        tokenizer=tokenizers[0], text_encoder_2=te2, tokenizer_2=tokenizers[1],
-                                        text_encoder_3=te3, tokenizer_3=tokenizers[2])
-        return cls(pipe, settings, device)
-
-    @classmethod
-    def from_pretrained(cls, path=None, *, config: dict | None = None, device="cpu", dtype=None) -> "SD3Backbone":
-        """Load SD3-Medium from a local diffusers folder (``SD3_MODEL_PATH``, ``data/weights/sd3-medium``, HF cache).
-
-        Args:
-            config (`dict`): backbone settings; ``dtype`` defaults to float16 on CUDA (the original's choice).
-        """
-        from diffusers import StableDiffusion3Pipeline
-
-        settings = parse_settings("sd3", config, DEFAULTS)
-        device = settings["device"] or device
-        check_offload(settings["offload"], device)
-        folder, variant = _check(settings, path)
-        dtype = resolve_dtype(dtype or settings["dtype"], device, torch.float16)
-        pipe = StableDiffusion3Pipeline.from_pretrained(str(folder), torch_dtype=dtype, variant=variant,
-                                                        local_files_only=True)
-        place(pipe, settings["offload"], device)
-        return cls(pipe, settings, device)
+        return cls._assemble({"transformer": transformer, "vae": vae, "text_encoder": te1, "tokenizer": tokenizers[0],
+                              "text_encoder_2": te2, "tokenizer_2": tokenizers[1], "text_encoder_3": te3,
+                              "tokenizer_3": tokenizers[2]}, scheduler_config, config, device, dtype)
 
     # ------------------------------------------------------------------ Backbone protocol
     @torch.no_grad()
@@ -168,12 +163,12 @@ class SD3Backbone(DiffusersBackbone):
                               "use prepare_embeds()")
         warn_truncation(p.tokenizer, prompts, p.tokenizer_max_length, "CLIP text encoder")
         if p.text_encoder_3 is not None:
-            warn_truncation(p.tokenizer_3, prompts, self.settings["max_sequence_length"], "T5 (max_sequence_length)")
-        neg = self.settings["negative_prompt"] if negative_prompt is None else negative_prompt
+            warn_truncation(p.tokenizer_3, prompts, self.settings.max_sequence_length, "T5 (max_sequence_length)")
+        neg = self.settings.negative_prompt if negative_prompt is None else negative_prompt
         neg = [neg] * len(prompts) if isinstance(neg, str) else check_prompts(neg)
         emb, neg_emb, pooled, neg_pooled = p.encode_prompt(
             prompts, None, None, device=self.device, do_classifier_free_guidance=True, negative_prompt=neg,
-            max_sequence_length=self.settings["max_sequence_length"])
+            max_sequence_length=self.settings.max_sequence_length)
         return self.prepare_embeds(emb, pooled, neg_emb, neg_pooled)
 
     def prepare_embeds(self, embeds: torch.Tensor, pooled: torch.Tensor, neg_embeds: torch.Tensor | None = None,
@@ -207,26 +202,6 @@ class SD3Backbone(DiffusersBackbone):
         return self.sigmas(table.num_steps, schedule, shift=table_value(table, "flowmatch_shift"))
 
 
-def _check(settings: dict, path=None):
-    if settings["resolution"] not in RESOLUTIONS:
-        raise ConfigError(f"backbone.resolution: SD3-Medium runs at {list(RESOLUTIONS)} px here (the original's "
-                          f"settings), got {settings['resolution']}")
-    folder = resolve("backbone", "sd3", explicit=path or settings["model_path"])
-    variant = check_weights_folder(folder, "sd3", LAYOUT, "StableDiffusion3Pipeline",
-                                   {"transformer": "SD3Transformer2DModel", "vae": "AutoencoderKL"})
-    return folder, variant
-
-
-def check(config: dict | None = None, path=None):
-    """Resolve SD3 weights and validate the folder (files, architecture) and resolution without loading them.
-
-    Returns:
-        `Path`: the weights folder. Raises ``MissingWeightsError`` listing every missing file, or ``ConfigError``.
-    """
-    return _check(parse_settings("sd3", settings_from_section("sd3", config), DEFAULTS), path)[0]
-
-
-def load(config: dict, device="cpu", **_) -> SD3Backbone:
-    """Load the backbone described by a workflow ``backbones.<key>`` section (``kind: sd3``; adapter settings
-    at its top level or in ``backend_config``) from local weights only."""
-    return SD3Backbone.from_pretrained(None, config=settings_from_section("sd3", config), device=device)
+BACKBONE = SD3Backbone
+check = SD3Backbone.check
+load = SD3Backbone.from_section

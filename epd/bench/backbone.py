@@ -79,7 +79,7 @@ class BenchConfig:
 def _read_config(path: Path) -> tuple[dict, "object", BenchConfig]:
     import yaml
 
-    from ..backbones.digits_train import load_train_config
+    from ..backbones.digits.train import load_train_config
 
     train_cfg = load_train_config(path)
     section = yaml.safe_load(path.read_text())["backbones"]["digits"]
@@ -118,7 +118,7 @@ def run_bench(config_path: str | os.PathLike, out: str | os.PathLike, weights: s
     Returns:
         The report dict.
     """
-    from ..backbones.digits_train import train
+    from ..backbones.digits.train import train
 
     config_path = Path(config_path)
     section, train_cfg, bcfg = _read_config(config_path)
@@ -160,8 +160,8 @@ def run_bench(config_path: str | os.PathLike, out: str | os.PathLike, weights: s
 
 def _measure(weights: Path, guidance: float, train_cfg, bcfg: BenchConfig) -> dict:
     from ..backbones.digits import PROMPTS, DigitsBackbone, load_split, to_base_resolution
-    from ..backbones.digits_scorers import make_accuracy, make_alignment, make_fd, make_realism
-    from ..backbones.digits_train import denoising_loss
+    from ..backbones.digits.scorers import make_accuracy, make_alignment, make_fd, make_realism
+    from ..backbones.digits.train import denoising_loss
     from ..solvers import solve, steps_for_nfe
 
     backbone = DigitsBackbone.load(weights, guidance)

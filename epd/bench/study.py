@@ -35,7 +35,7 @@ def ensure_backbone(config_path: str, sec: dict, workdir: Path, weights: str | N
 
     minutes = 0.0
     if weights is None:
-        from ..backbones.digits_train import load_train_config, train
+        from ..backbones.digits.train import load_train_config, train
 
         wdir = workdir / "backbone"
         t0 = time.time()

@@ -56,9 +56,9 @@ def make_guard(rcfg, weights: str | None, device: str = "cpu"):
     scorer = get_scorer(rcfg.guard_metric, weights_dir=weights, device=device)
     if rcfg.guard_metric != "digits_fd":
         raise ConfigError("rdpo.guard_metric: only digits_fd has a built-in reference set; others need fid_ref")
-    from ..evaluate import _digits_heldout
+    from ..backbones import backbone_class
 
-    ref = scorer.features(_digits_heldout(weights))
+    ref = scorer.features(backbone_class(scorer.backbone).heldout_reference(weights))
     return lambda images: scorer.compute(scorer.features(images), ref)
 
 

@@ -181,14 +181,14 @@ register("mps", "epd.rewards.mps:make_mps",
 register("fid_clean", "epd.metrics.fid:make_fid_clean",
          "FID, clean-fid protocol (PIL bicubic float resize to 299, FID Inception pool3) vs a reference set",
          kind="set", weights=[(_S, "inception")])
-register("digits_alignment", "epd.backbones.digits_scorers:make_alignment",
+register("digits_alignment", "epd.backbones.digits.scorers:make_alignment",
          "digits backbone: classifier probability of the prompted digit")
-register("digits_realism", "epd.backbones.digits_scorers:make_realism",
+register("digits_realism", "epd.backbones.digits.scorers:make_realism",
          "digits backbone: realism score of the embedded classifier")
-register("digits_typicality", "epd.backbones.digits_scorers:make_typicality",
+register("digits_typicality", "epd.backbones.digits.scorers:make_typicality",
          "digits backbone: how typical the image's distance to its class feature Gaussian is (0 = the median of "
          "real train digits)")
-register("digits_accuracy", "epd.backbones.digits_scorers:make_accuracy",
+register("digits_accuracy", "epd.backbones.digits.scorers:make_accuracy",
          "digits backbone: 1 if the classifier predicts the prompted digit")
-register("digits_fd", "epd.backbones.digits_scorers:make_fd",
+register("digits_fd", "epd.backbones.digits.scorers:make_fd",
          "digits backbone: Frechet distance of classifier features vs the bundled digits", kind="set")

@@ -34,7 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PRELOAD = ("torch", "numpy", "PIL.Image", "PIL.PngImagePlugin", "safetensors.torch", "yaml", "jsonschema", "tqdm",
            "epd.cli", "epd.config", "epd.teacher", "epd.distill", "epd.sample", "epd.evaluate", "epd.rdpo.cli",
-           "epd.rdpo.trainer", "epd.backbones.gmm", "epd.backbones.digits", "epd.backbones.digits_scorers",
+           "epd.rdpo.trainer", "epd.backbones.gmm", "epd.backbones.digits", "epd.backbones.digits.scorers",
            "epd.rewards", "epd.metrics.imagedir", "epd.metrics.stats")
 CHILD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
              "TQDM_MININTERVAL": "0", "TQDM_MINITERS": "1",  # progress printed at every iteration

@@ -32,7 +32,7 @@ class Workspace:
 
     @classmethod
     def create(cls, root: Path) -> "Workspace":
-        from epd.backbones.digits_train import DigitsTrainConfig, train
+        from epd.backbones.digits.train import DigitsTrainConfig, train
         from epd.predictor import save
         from epd.table import uniform_table
 

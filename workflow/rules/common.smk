@@ -9,6 +9,7 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
+from epd.backbones import backbone_class
 from epd.config import TABLE_LABELS, check_study, study_rows
 from epd.errors import ConfigError
 
@@ -49,6 +50,11 @@ BACKBONES = list(config["backbones"])
 
 def sec(b):
     return config["backbones"][b]
+
+
+def bb_class(b):
+    """The adapter class of backbone b: its capabilities (trainable, weights_folder, ...) without loading weights."""
+    return backbone_class(sec(b)["kind"])
 
 
 def digest(obj):
@@ -104,7 +110,7 @@ def pulled(path):
 
 
 def backbone_dir(b):
-    if sec(b)["kind"] != "digits":
+    if not bb_class(b).trainable:
         return f"{RESULTS}/{b}/backbone"
     p = Path(DATA) / "checkpoints" / b / "backbone" / "model.safetensors"
     return str(p.parent) if p.exists() else f"{RESULTS}/{b}/backbone"
@@ -112,13 +118,13 @@ def backbone_dir(b):
 
 def backbone_input(wildcards):
     b = wildcards.b
-    if sec(b)["kind"] != "digits":
+    if not bb_class(b).trainable:
         return f"{RESULTS}/{b}/backbone/weights.json"
     return pulled(f"{b}/backbone/model.safetensors") or f"{RESULTS}/{b}/backbone/model.safetensors"
 
 
 def weights_flag(b):
-    return f"--weights {backbone_dir(b)}" if sec(b)["kind"] == "digits" else ""
+    return f"--weights {backbone_dir(b)}" if bb_class(b).weights_folder else ""
 
 
 def distilled_table(b, nfe):

@@ -10,7 +10,7 @@ rule evaluate:
         images=lambda wc, input: str(Path(input.samples).parent),
         outdir=lambda wc, output: str(Path(output[0]).parent),
         metrics=lambda wc: ",".join(sec(wc.b)["metrics"]),
-        weights=lambda wc: f"--weights-dir {backbone_dir(wc.b)}" if sec(wc.b)["kind"] == "digits" else "",
+        weights=lambda wc: f"--weights-dir {backbone_dir(wc.b)}" if bb_class(wc.b).weights_folder else "",
         reference=lambda wc: (f"--reference-latents {RESULTS}/{wc.b}/samples/reference/latents.safetensors"
                               if "rmse_vs_teacher" in sec(wc.b)["metrics"] else ""),
         fid_ref=lambda wc: f"--fid-ref {RESULTS}/{wc.b}/samples/reference" if fid_vs_reference(wc.b) else "",

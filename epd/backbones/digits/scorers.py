@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import EPDError
-from .digits import parse_prompts
-from .digits_classifier import DigitsClassifier, frechet_distance, load_classifier
+from ...errors import EPDError
+from .classifier import DigitsClassifier, frechet_distance, load_classifier
+from .data import parse_prompts
 
 __all__ = ["make_alignment", "make_realism", "make_typicality", "make_accuracy", "make_fd", "DigitsImageScorer", "DigitsFD"]
 
@@ -95,7 +95,7 @@ class DigitsImageScorer:
 
 def typical_distances(clf: DigitsClassifier, split_seed: int = 0) -> torch.Tensor:
     """Per class, the median Mahalanobis distance (``-realism``) of the train-split digits: ``(10,)``."""
-    from .digits import NUM_CLASSES, load_split
+    from .data import NUM_CLASSES, load_split
 
     split = load_split(seed=split_seed)
     feats, _ = clf.read(((split.x_train + 1) / 2).clamp(0, 1))
@@ -114,6 +114,7 @@ class DigitsFD:
     name = "digits_fd"
     higher_is_better = False
     kind = "set"
+    backbone = "digits"  # its built-in reference: this backbone kind's heldout_reference (no --fid-ref given)
 
     def __init__(self, clf: DigitsClassifier):
         self.clf = clf

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError, EPDError
-from ..io import atomic_path, atomic_write_text, config_hash
-from ..progress import Heartbeat
-from .digits import (DEFAULT_ARCH, FORMAT, FORMAT_VERSION, NULL_CLASS, SIGMA_DATA, DigitsSplit, build_net,
-                     load_model, load_split, save_model)
-from .digits_classifier import DigitsClassifierConfig, load_classifier, save_classifier, train_classifier
+from ...errors import ConfigError, EPDError
+from ...io import atomic_path, atomic_write_text, config_hash
+from ...progress import Heartbeat
+from .classifier import DigitsClassifierConfig, load_classifier, save_classifier, train_classifier
+from .data import NULL_CLASS, DigitsSplit, load_split
+from .model import DEFAULT_ARCH, FORMAT, FORMAT_VERSION, SIGMA_DATA, build_net, load_model, save_model
 
 __all__ = ["DigitsTrainConfig", "load_train_config", "train", "train_denoiser", "denoising_loss", "add_arguments",
            "run"]
@@ -58,7 +58,7 @@ class DigitsTrainConfig:
         label_dropout (`float`): probability of training a sample with the null class (enables CFG).
         grad_clip (`float`): gradient-norm clip (0 disables).
         checkpoint_every (`int`), log_every (`int`), eval_every (`int`): cadences in steps.
-        classifier (`dict`): options of :class:`~epd.backbones.digits_classifier.DigitsClassifierConfig`.
+        classifier (`dict`): options of :class:`~epd.backbones.digits.classifier.DigitsClassifierConfig`.
     """
 
     seed: int = 0
@@ -301,6 +301,98 @@ def _model_up_to_date(out_dir: Path, chash: str) -> bool:
     return js.get("train_hash") == chash and (out_dir / "model.safetensors").is_file()
 
 
+@dataclass
+class _Run:
+    """What a (possibly resumed) denoiser training run carries from step to step."""
+
+    net: torch.nn.Module
+    ema: torch.nn.Module
+    opt: torch.optim.Optimizer
+    ckpt: Path
+    log_path: Path
+    chash: str
+    start: int = 0
+    elapsed: float = 0.0
+    losses: list = field(default_factory=list)  # since the last log row (kept across a resume)
+
+
+def _start_run(cfg: DigitsTrainConfig, out_dir: Path, chash: str) -> _Run:
+    """Seeded network, EMA copy and optimiser; state and log rows of ``checkpoint.safetensors`` when present."""
+    torch.manual_seed(cfg.seed)
+    net = build_net(cfg.full_arch)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    run = _Run(net, ema, opt, out_dir / "checkpoint.safetensors", out_dir / "train_log.jsonl", chash)
+    if run.ckpt.is_file():
+        run.start, run.elapsed, run.losses = _load_checkpoint(run.ckpt, net, ema, opt, chash)
+        log.info("resuming from %s at step %d", run.ckpt, run.start)
+    rows = _read_log(run.log_path, run.start)
+    atomic_write_text(run.log_path, "".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+def _log_row(run: _Run, cfg: DigitsTrainConfig, split: DigitsSplit, step: int, t0: float) -> dict:
+    """The ``train_log.jsonl`` row after ``step + 1`` steps (EMA train/held-out losses every ``eval_every``)."""
+    done = step + 1
+    row = {"step": done, "loss": sum(run.losses) / len(run.losses), "lr": _lr_at(cfg, step),
+           "elapsed_s": round(time.perf_counter() - t0, 3)}
+    if done % cfg.eval_every == 0 or done == cfg.steps:
+        n_eval = min(len(split.x_heldout), len(split.x_train))
+        row["ema_train_loss"] = denoising_loss(run.ema, split.x_train[:n_eval], split.y_train[:n_eval],
+                                               cfg.p_mean, cfg.p_std, n_sigmas=4)
+        row["ema_heldout_loss"] = denoising_loss(run.ema, split.x_heldout[:n_eval], split.y_heldout[:n_eval],
+                                                 cfg.p_mean, cfg.p_std, n_sigmas=4)
+    return row
+
+
+def _run_steps(run: _Run, cfg: DigitsTrainConfig, split: DigitsSplit, progress: bool,
+               stop_after: int | None) -> float | None:
+    """Steps ``run.start .. cfg.steps``; the training seconds when finished, None when stopped early."""
+    from tqdm.auto import tqdm
+
+    run.net.train()
+    t0 = time.perf_counter() - run.elapsed
+    beat = Heartbeat("digits denoiser", cfg.steps, run.start, logger=log)
+    with _StopFlag() as flag, open(run.log_path, "a") as flog, \
+            tqdm(total=cfg.steps, initial=run.start, disable=None if progress else True, desc="digits denoiser",
+                 unit="step") as bar:
+        for step in range(run.start, cfg.steps):
+            run.losses.append(_train_step(run.net, run.opt, split, cfg, step))
+            _ema_update(run.ema, run.net, min(cfg.ema_decay, (1 + step) / (10 + step)))
+            done = step + 1
+            bar.update(1)
+            beat(done, loss=run.losses[-1])
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                row = _log_row(run, cfg, split, step, t0)
+                flog.write(json.dumps(row) + "\n")
+                flog.flush()
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+                run.losses = []
+            interrupted = flag.stop or (stop_after is not None and done >= stop_after)
+            if done < cfg.steps and (done % cfg.checkpoint_every == 0 or interrupted):
+                _save_checkpoint(run.ckpt, run.net, run.ema, run.opt, done, time.perf_counter() - t0, run.chash,
+                                 run.losses)
+            if interrupted and done < cfg.steps:
+                if flag.stop:
+                    raise EPDError(f"training interrupted at step {done}/{cfg.steps}; checkpoint saved to "
+                                   f"{run.ckpt} — rerun the same command to resume")
+                return None
+    return time.perf_counter() - t0
+
+
+def _save_trained(run: _Run, cfg: DigitsTrainConfig, out_dir: Path, elapsed: float) -> dict:
+    """Write the EMA model with its metadata, drop the checkpoint; the ``model.json`` content."""
+    rows = _read_log(run.log_path, cfg.steps)
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "arch": cfg.full_arch,
+            "data": {"split_seed": cfg.split_seed, "n_heldout": cfg.n_heldout, "upsample": cfg.upsample},
+            "train": asdict(cfg), "train_hash": run.chash, "steps": cfg.steps, "train_seconds": round(elapsed, 2),
+            "final_log": rows[-1] if rows else None,
+            "torch": torch.__version__, "num_params": sum(p.numel() for p in run.ema.parameters())}
+    save_model(out_dir, run.ema, meta)
+    run.ckpt.unlink(missing_ok=True)
+    return json.loads((out_dir / "model.json").read_text())
+
+
 def train_denoiser(cfg: DigitsTrainConfig, split: DigitsSplit, out_dir: str | os.PathLike, *, progress: bool = True,
                    stop_after: int | None = None) -> dict | None:
     """Train the EMA denoiser into ``out_dir``; resumes from ``out_dir/checkpoint.safetensors`` when present.
@@ -316,69 +408,15 @@ def train_denoiser(cfg: DigitsTrainConfig, split: DigitsSplit, out_dir: str | os
     Returns:
         The ``model.json`` content, or ``None`` when stopped early.
     """
-    from tqdm.auto import tqdm
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     chash = cfg.hash()
     if _model_up_to_date(out_dir, chash):
         log.info("%s: model is up to date for this config; nothing to train", out_dir / "model.safetensors")
         return json.loads((out_dir / "model.json").read_text())
-    torch.manual_seed(cfg.seed)
-    net = build_net(cfg.full_arch)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ckpt, log_path = out_dir / "checkpoint.safetensors", out_dir / "train_log.jsonl"
-    start, elapsed, losses = 0, 0.0, []  # losses: since the last log row (kept across a resume)
-    if ckpt.is_file():
-        start, elapsed, losses = _load_checkpoint(ckpt, net, ema, opt, chash)
-        log.info("resuming from %s at step %d", ckpt, start)
-    rows = _read_log(log_path, start)
-    atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in rows))
-    n_eval = min(len(split.x_heldout), len(split.x_train))
-    net.train()
-    t0 = time.perf_counter() - elapsed
-    beat = Heartbeat("digits denoiser", cfg.steps, start, logger=log)
-    with _StopFlag() as flag, open(log_path, "a") as flog, \
-            tqdm(total=cfg.steps, initial=start, disable=None if progress else True, desc="digits denoiser",
-                 unit="step") as bar:
-        for step in range(start, cfg.steps):
-            losses.append(_train_step(net, opt, split, cfg, step))
-            _ema_update(ema, net, min(cfg.ema_decay, (1 + step) / (10 + step)))
-            done = step + 1
-            bar.update(1)
-            beat(done, loss=losses[-1])
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                row = {"step": done, "loss": sum(losses) / len(losses), "lr": _lr_at(cfg, step),
-                       "elapsed_s": round(time.perf_counter() - t0, 3)}
-                if done % cfg.eval_every == 0 or done == cfg.steps:
-                    row["ema_train_loss"] = denoising_loss(ema, split.x_train[:n_eval], split.y_train[:n_eval],
-                                                           cfg.p_mean, cfg.p_std, n_sigmas=4)
-                    row["ema_heldout_loss"] = denoising_loss(ema, split.x_heldout[:n_eval],
-                                                             split.y_heldout[:n_eval], cfg.p_mean, cfg.p_std,
-                                                             n_sigmas=4)
-                flog.write(json.dumps(row) + "\n")
-                flog.flush()
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
-                losses = []
-            interrupted = flag.stop or (stop_after is not None and done >= stop_after)
-            if done < cfg.steps and (done % cfg.checkpoint_every == 0 or interrupted):
-                _save_checkpoint(ckpt, net, ema, opt, done, time.perf_counter() - t0, chash, losses)
-            if interrupted and done < cfg.steps:
-                if flag.stop:
-                    raise EPDError(f"training interrupted at step {done}/{cfg.steps}; checkpoint saved to {ckpt} — "
-                                   "rerun the same command to resume")
-                return None
-    elapsed = time.perf_counter() - t0
-    rows = _read_log(log_path, cfg.steps)
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, "arch": cfg.full_arch,
-            "data": {"split_seed": cfg.split_seed, "n_heldout": cfg.n_heldout, "upsample": cfg.upsample},
-            "train": asdict(cfg), "train_hash": chash, "steps": cfg.steps, "train_seconds": round(elapsed, 2),
-            "final_log": rows[-1] if rows else None,
-            "torch": torch.__version__, "num_params": sum(p.numel() for p in ema.parameters())}
-    save_model(out_dir, ema, meta)
-    ckpt.unlink(missing_ok=True)
-    return json.loads((out_dir / "model.json").read_text())
+    run = _start_run(cfg, out_dir, chash)
+    elapsed = _run_steps(run, cfg, split, progress, stop_after)
+    return None if elapsed is None else _save_trained(run, cfg, out_dir, elapsed)
 
 
 def _classifier_up_to_date(out_dir: Path, ccfg: DigitsClassifierConfig, data: dict) -> bool:

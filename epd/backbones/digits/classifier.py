@@ -20,9 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ConfigError, EPDError
-from ..progress import Heartbeat
-from .digits import NUM_CLASSES, DigitsSplit, load_safetensors_checked, read_meta, save_model, to_base_resolution
+from ...errors import ConfigError, EPDError
+from ...progress import Heartbeat
+from .data import NUM_CLASSES, DigitsSplit, to_base_resolution
+from .model import load_safetensors_checked, read_meta, save_model
 
 __all__ = ["DigitsClassifierConfig", "DigitsClassifier", "train_classifier", "save_classifier", "load_classifier",
            "frechet_distance", "fd_from_stats", "feature_stats", "sqrtm_psd"]
