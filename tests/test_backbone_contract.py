@@ -88,7 +88,7 @@ def _sd15(tmp):
 def _flow_case(kind, tmp):
     from _tiny_pipelines import tiny_flux, tiny_sd3
 
-    from epd.backbones.flow_schedules import FLOW_SCHEDULES
+    from epd.flow_schedules import FLOW_SCHEDULES
 
     cls = backbone_class(kind)
     parts = tiny_sd3() if kind == "sd3" else tiny_flux()
