@@ -165,7 +165,8 @@ def distill(backbone, *, sigmas: torch.Tensor, x_init: torch.Tensor, targets: to
     for p in getattr(den, "parameters", lambda: [])():
         p.requires_grad_(False)
     dtype = x_init.dtype
-    sig = sigmas.to(dtype)
+    device = torch.device(getattr(backbone, "device", "cpu"))  # teacher states stay in host memory; batches move
+    sig = sigmas.to(device, dtype)
     n = x_init.shape[0]
     t0 = time.time()
     bar = tqdm(range(start, cfg.iterations), desc=f"distill N={N} K={num_points}", initial=start,
@@ -177,12 +178,13 @@ def distill(backbone, *, sigmas: torch.Tensor, x_init: torch.Tensor, targets: to
         labels = [f"distill iteration {it + 1}, teacher trajectory {i}"
                   f"{f' (seed {seeds[i]})' if seeds is not None else ''}, prompt {prompts[i]!r}" for i in idx.tolist()]
         cond = backbone.prepare([prompts[i] for i in idx.tolist()])
-        out = sample_epd(den, x_init[idx], sig, cond=cond, table=params, afs=afs, grad=True,
+        target = targets[idx].to(device)
+        out = sample_epd(den, x_init[idx].to(device), sig, cond=cond, table=params, afs=afs, grad=True,
                          return_trajectory=True, detach_between_steps=cfg.detach_between_steps, context=labels)
         traj = torch.stack(out.trajectory[1:], 1)
-        loss, per_step, feat = _loss(traj, targets[idx], cfg, feature_fn)
+        loss, per_step, feat = _loss(traj, target, cfg, feature_fn)
         if not torch.isfinite(loss):
-            bad = (~torch.isfinite(((traj - targets[idx]) ** 2).flatten(1).sum(1))).nonzero().flatten().tolist()
+            bad = (~torch.isfinite(((traj - target) ** 2).flatten(1).sum(1))).nonzero().flatten().tolist()
             raise NonFiniteError(f"distillation loss is NaN/inf at iteration {it + 1} (per-step losses "
                                  f"{per_step.tolist()}); first affected: {labels[bad[0]] if bad else 'unknown'}")
         opt.zero_grad(set_to_none=True)

@@ -25,11 +25,11 @@ def test_study_config_scales_counts_and_keeps_batches(name, backbone, tmp_path):
 def test_rows_project_per_item_time_to_the_paper_study():
     full = load_config("configs/sd15.yaml")
     cfg = study_config(full, "sd15", COUNTS, "sqlite:///x.db")
-    log = [{"rule": "teacher", "wall_s": 16.0, "peak_alloc_gib": 10.0, "peak_reserved_gib": 12.0},
-           {"rule": "rdpo", "wall_s": 40.0, "peak_alloc_gib": 30.0, "peak_reserved_gib": 31.0},
-           {"rule": "sample", "wall_s": 8.0, "peak_alloc_gib": 5.0, "peak_reserved_gib": 6.0},
-           {"rule": "sample", "wall_s": 8.0, "peak_alloc_gib": 7.0, "peak_reserved_gib": 9.0},
-           {"rule": "evaluate", "wall_s": 48.0}]
+    log = [{"command": "teacher", "wall_s": 16.0, "peak_alloc_gib": 10.0, "peak_reserved_gib": 12.0},
+           {"command": "rdpo", "wall_s": 40.0, "peak_alloc_gib": 30.0, "peak_reserved_gib": 31.0},
+           {"command": "sample", "wall_s": 8.0, "peak_alloc_gib": 5.0, "peak_reserved_gib": 6.0},
+           {"command": "sample", "wall_s": 8.0, "peak_alloc_gib": 7.0, "peak_reserved_gib": 9.0},
+           {"command": "evaluate", "wall_s": 48.0}]
     rows = {r["stage"]: r for r in aggregate(log, cfg, full, "sd15", failed={"distill"}, gpu="H100")}
     assert rows["teacher"]["per_item_s"] == 16.0 / COUNTS["teacher_seeds"]
     assert rows["teacher"]["projected_gpu_hours"] == pytest.approx(2.0 * 512 / 3600)

@@ -194,3 +194,26 @@ def test_fixture_prompt_files():
     coco = read_prompts(root / "coco10k.csv")
     assert len(coco) == 10000 and coco[:3] == read_prompts(root / "coco10k.txt")[:3]
     _ = json
+
+
+def test_distill_moves_teacher_batches_to_the_backbone_device(tmp_path):
+    """Teacher states are loaded in host memory; each batch must go to the backbone's device (on the GPU the SD1.5
+    chain failed with 'Input type (torch.HalfTensor) and weight type (torch.cuda.HalfTensor)'). A backbone on the
+    meta device stands in for the GPU: every denoiser input must arrive there."""
+    from epd.distill import DistillConfig as DC
+
+    class MetaBackbone:
+        device = torch.device("meta")
+
+        def prepare(self, prompts):
+            return None
+
+        def denoiser(self, x, sigma, cond=None):
+            assert x.device.type == "meta", f"denoiser input on {x.device}"
+            return x * 0
+
+    sig = BB.sigmas(4).double()
+    x0, tgt = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 3, 6, dtype=torch.float64)
+    with pytest.raises((RuntimeError, NotImplementedError), match="meta"):  # reaches the loss (no .item() on meta)
+        distill(MetaBackbone(), sigmas=sig, x_init=x0, targets=tgt, prompts=["a"] * 4, num_points=2, afs=False,
+                cfg=DC(iterations=1, batch=2), out_dir=tmp_path)
