@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from .errors import ConfigError, EPDError, NonFiniteError
 from .io import atomic_write_bytes, atomic_write_text, config_hash, load_error_text
+from .memory import out_of_memory_names
 from .predictor import save
 from .solvers.epd import sample_epd
 from .table import EPDTable, uniform_table
@@ -97,6 +98,9 @@ class DistillConfig:
     final_weight: float = 1.0
     feature_weight: float = 0.0  # final-step loss on the backbone metric's features (0: off)
     detach_between_steps: bool = False
+    # recompute each denoiser call in the backward pass instead of storing its activations (same gradients): the
+    # memory of backpropagating through N-1 steps x K points of a large network at distill.batch images
+    checkpoint_denoiser: bool = False
     save_every: int = 50
     seed: int = 0
     init_r_base: float = 0.5
@@ -164,6 +168,8 @@ def distill(backbone, *, sigmas: torch.Tensor, x_init: torch.Tensor, targets: to
     den = backbone.denoiser
     for p in getattr(den, "parameters", lambda: [])():
         p.requires_grad_(False)
+    if cfg.checkpoint_denoiser:
+        den = _Checkpointed(den)
     dtype = x_init.dtype
     device = torch.device(getattr(backbone, "device", "cpu"))  # teacher states stay in host memory; batches move
     sig = sigmas.to(device, dtype)
@@ -171,6 +177,10 @@ def distill(backbone, *, sigmas: torch.Tensor, x_init: torch.Tensor, targets: to
     t0 = time.time()
     bar = tqdm(range(start, cfg.iterations), desc=f"distill N={N} K={num_points}", initial=start,
                total=cfg.iterations, unit="it")
+    def oom():
+        return out_of_memory_names("distill.batch", cfg.batch, "Stage-1 distillation (or set "
+                                   "distill.checkpoint_denoiser: true, which keeps one denoiser call's activations)")
+
     for it in bar:
         for g in opt.param_groups:
             g["lr"] = _lr_at(cfg, it)
@@ -179,8 +189,9 @@ def distill(backbone, *, sigmas: torch.Tensor, x_init: torch.Tensor, targets: to
                   f"{f' (seed {seeds[i]})' if seeds is not None else ''}, prompt {prompts[i]!r}" for i in idx.tolist()]
         cond = backbone.prepare([prompts[i] for i in idx.tolist()])
         target = targets[idx].to(device)
-        out = sample_epd(den, x_init[idx].to(device), sig, cond=cond, table=params, afs=afs, grad=True,
-                         return_trajectory=True, detach_between_steps=cfg.detach_between_steps, context=labels)
+        with oom():
+            out = sample_epd(den, x_init[idx].to(device), sig, cond=cond, table=params, afs=afs, grad=True,
+                             return_trajectory=True, detach_between_steps=cfg.detach_between_steps, context=labels)
         traj = torch.stack(out.trajectory[1:], 1)
         loss, per_step, feat = _loss(traj, target, cfg, feature_fn)
         if not torch.isfinite(loss):
@@ -188,7 +199,8 @@ def distill(backbone, *, sigmas: torch.Tensor, x_init: torch.Tensor, targets: to
             raise NonFiniteError(f"distillation loss is NaN/inf at iteration {it + 1} (per-step losses "
                                  f"{per_step.tolist()}); first affected: {labels[bad[0]] if bad else 'unknown'}")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with oom():
+            loss.backward()
         for p in params.parameters():
             if p.grad is not None:
                 torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
@@ -208,6 +220,22 @@ def distill(backbone, *, sigmas: torch.Tensor, x_init: torch.Tensor, targets: to
     save(table, out_dir / "table")
     atomic_write_text(out_dir / "distill_log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     return table
+
+
+class _Checkpointed:
+    """A denoiser whose activations are recomputed in the backward pass (``torch.utils.checkpoint``); every other
+    attribute (coordinates, pass counts, finite-check policy) is the wrapped denoiser's."""
+
+    def __init__(self, den):
+        self.den = den
+
+    def __call__(self, x, sigma, cond=None):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.den, x, sigma, cond, use_reentrant=False)
+
+    def __getattr__(self, name):
+        return getattr(self.den, name)
 
 
 def _loss(traj: torch.Tensor, target: torch.Tensor, cfg: DistillConfig, feature_fn):

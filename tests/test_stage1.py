@@ -217,3 +217,19 @@ def test_distill_moves_teacher_batches_to_the_backbone_device(tmp_path):
     with pytest.raises((RuntimeError, NotImplementedError), match="meta"):  # reaches the loss (no .item() on meta)
         distill(MetaBackbone(), sigmas=sig, x_init=x0, targets=tgt, prompts=["a"] * 4, num_points=2, afs=False,
                 cfg=DC(iterations=1, batch=2), out_dir=tmp_path)
+
+
+def test_checkpointed_denoiser_gives_the_same_table(tmp_path):
+    """distill.checkpoint_denoiser recomputes activations in the backward pass: memory for large networks, and the
+    very same gradients, so the same table bit for bit."""
+    from epd.distill import DistillConfig as DC
+
+    st, _ = teacher_sigmas(BB, 4, 2)
+    generate(BB, prompts=["0", "1"], seeds=list(range(16)), num_points=4, M=2, solver="heun",
+             out_dir=tmp_path / "t", batch=16)
+    man, x, s = load_teacher(tmp_path / "t", st)
+    tables = [distill(BB, sigmas=st, x_init=x, targets=s, prompts=man["prompts"], num_points=2, afs=True,
+                      cfg=DC(iterations=5, batch=8, checkpoint_denoiser=ck), out_dir=tmp_path / str(ck))
+              for ck in (False, True)]
+    for k in ("positions", "weights"):
+        assert torch.equal(getattr(tables[0], k), getattr(tables[1], k)), k
