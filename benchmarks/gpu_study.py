@@ -113,7 +113,8 @@ def run(args) -> int:
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     full = load_config(args.config)
-    cfg = study_config(full, args.backbone, COUNTS, f"sqlite:///{work}/mlflow.db")
+    counts = {**COUNTS, **{k: int(v) for k, v in (c.split("=", 1) for c in args.count)}}
+    cfg = study_config(full, args.backbone, counts, f"sqlite:///{work}/mlflow.db")
     cfg_path = work / f"gpu_{args.backbone}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     res_log = Path(args.resource_log or work / "resources.jsonl").resolve()
@@ -146,7 +147,7 @@ def run(args) -> int:
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     rows = aggregate(log_rows, cfg, full, args.backbone, failed, gpu)
-    result = {"benchmark": "gpu_study", "config": args.config, "study": args.backbone, "counts": COUNTS,
+    result = {"benchmark": "gpu_study", "config": args.config, "study": args.backbone, "counts": counts,
               "snakemake_rc": rc, "budget_s": args.budget_s, "fake_weights_s": round(fake_s, 1), "chain_s": round(chain_s, 1),
               "machine": {"gpu": gpu, "torch": torch.__version__, "python": platform.python_version(),
                           "cpu_count": os.cpu_count()},
@@ -168,6 +169,8 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="/tmp/gpu_study")
     p.add_argument("--weights", default=None, help="existing fake/real weights root (skip generation)")
     p.add_argument("--resource-log", default=None, help="where jobs append their resource lines (default: workdir)")
+    p.add_argument("--count", action="append", default=[], metavar="KEY=N",
+                   help=f"override a scaled-down count ({', '.join(COUNTS)}); batch settings never change")
     p.add_argument("--budget-s", type=float, default=480.0,
                    help="wall-clock budget for weights + chain; stages not finished by then are reported not ok")
     return run(p.parse_args(argv))
