@@ -101,6 +101,9 @@ class DistillConfig:
     # recompute each denoiser call in the backward pass instead of storing its activations (same gradients): the
     # memory of backpropagating through N-1 steps x K points of a large network at distill.batch images
     checkpoint_denoiser: bool = False
+    # images per forward/backward pass (gradients accumulated over the batch; None: the whole batch at once): the
+    # peak memory of distillation is set by this, the batch stays the optimisation's
+    micro_batch: int | None = None
     save_every: int = 50
     seed: int = 0
     init_r_base: float = 0.5
@@ -114,6 +117,8 @@ class DistillConfig:
         if unknown:
             raise ConfigError(f"distill: unknown keys {unknown}; accepted: {sorted(known)}")
         cfg = cls(**d)
+        if cfg.micro_batch is not None and cfg.micro_batch < 1:
+            raise ConfigError(f"distill.micro_batch: must be >= 1 (or null), got {cfg.micro_batch}")
         if cfg.iterations < 1 or cfg.batch < 1 or cfg.lr <= 0:
             raise ConfigError("distill: iterations and batch must be >= 1 and lr > 0")
         if not cfg.feature_weight >= 0:
@@ -178,8 +183,8 @@ def distill(backbone, *, sigmas: torch.Tensor, x_init: torch.Tensor, targets: to
     bar = tqdm(range(start, cfg.iterations), desc=f"distill N={N} K={num_points}", initial=start,
                total=cfg.iterations, unit="it")
     def oom():
-        return out_of_memory_names("distill.batch", cfg.batch, "Stage-1 distillation (or set "
-                                   "distill.checkpoint_denoiser: true, which keeps one denoiser call's activations)")
+        return out_of_memory_names("distill.micro_batch", cfg.micro_batch or cfg.batch, "Stage-1 distillation (also "
+                                   "distill.checkpoint_denoiser: true keeps one denoiser call's activations)")
 
     for it in bar:
         for g in opt.param_groups:
@@ -187,20 +192,11 @@ def distill(backbone, *, sigmas: torch.Tensor, x_init: torch.Tensor, targets: to
         idx = torch.randperm(n, generator=gen)[: cfg.batch]
         labels = [f"distill iteration {it + 1}, teacher trajectory {i}"
                   f"{f' (seed {seeds[i]})' if seeds is not None else ''}, prompt {prompts[i]!r}" for i in idx.tolist()]
-        cond = backbone.prepare([prompts[i] for i in idx.tolist()])
-        target = targets[idx].to(device)
-        with oom():
-            out = sample_epd(den, x_init[idx].to(device), sig, cond=cond, table=params, afs=afs, grad=True,
-                             return_trajectory=True, detach_between_steps=cfg.detach_between_steps, context=labels)
-        traj = torch.stack(out.trajectory[1:], 1)
-        loss, per_step, feat = _loss(traj, target, cfg, feature_fn)
-        if not torch.isfinite(loss):
-            bad = (~torch.isfinite(((traj - target) ** 2).flatten(1).sum(1))).nonzero().flatten().tolist()
-            raise NonFiniteError(f"distillation loss is NaN/inf at iteration {it + 1} (per-step losses "
-                                 f"{per_step.tolist()}); first affected: {labels[bad[0]] if bad else 'unknown'}")
         opt.zero_grad(set_to_none=True)
-        with oom():
-            loss.backward()
+        loss, per_step, feat = _accumulate(
+            lambda sub, lab: _forward(backbone, den, params, x_init[sub].to(device), targets[sub].to(device),
+                                      [prompts[i] for i in sub.tolist()], sig, afs, cfg, feature_fn, lab, it, oom),
+            idx, labels, cfg.micro_batch or len(idx), oom)
         for p in params.parameters():
             if p.grad is not None:
                 torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
@@ -236,6 +232,36 @@ class _Checkpointed:
 
     def __getattr__(self, name):
         return getattr(self.den, name)
+
+
+def _forward(backbone, den, params, x, target, prompts, sig, afs, cfg, feature_fn, labels, it, oom):
+    """The student's trajectory from ``x`` and its loss against the teacher states (checked finite)."""
+    with oom():
+        out = sample_epd(den, x, sig, cond=backbone.prepare(prompts), table=params, afs=afs, grad=True,
+                         return_trajectory=True, detach_between_steps=cfg.detach_between_steps, context=labels)
+    traj = torch.stack(out.trajectory[1:], 1)
+    loss, per_step, feat = _loss(traj, target, cfg, feature_fn)
+    if not torch.isfinite(loss):
+        bad = (~torch.isfinite(((traj - target) ** 2).flatten(1).sum(1))).nonzero().flatten().tolist()
+        raise NonFiniteError(f"distillation loss is NaN/inf at iteration {it + 1} (per-step losses "
+                             f"{per_step.tolist()}); first affected: {labels[bad[0]] if bad else 'unknown'}")
+    return loss, per_step, feat
+
+
+def _accumulate(forward, idx, labels, micro: int, oom):
+    """Backpropagate the batch's loss in micro-batches of ``micro`` images (``distill.micro_batch``): each part's
+    loss weighted by its share of the batch, so the gradient is the whole batch's (one part: the very same bits).
+    Returns the batch's ``(loss, per-step losses, feature term)``, detached."""
+    total = None
+    for lo in range(0, len(idx), micro):
+        sub = idx[lo:lo + micro]
+        w = len(sub) / len(idx)
+        loss, per_step, feat = forward(sub, labels[lo:lo + micro])
+        with oom():
+            (loss * w).backward()
+        part = [w * t.detach() if t is not None else None for t in (loss, per_step, feat)]
+        total = part if total is None else [a + b if a is not None else None for a, b in zip(total, part)]
+    return tuple(total)
 
 
 def _loss(traj: torch.Tensor, target: torch.Tensor, cfg: DistillConfig, feature_fn):
