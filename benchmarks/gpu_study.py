@@ -131,7 +131,7 @@ def run(args) -> int:
     t0 = time.time()
     budget = max(30.0, args.budget_s - fake_s)
     cmd = [sys.executable, "-m", "snakemake", "--cores", "all", "--configfile", str(cfg_path), "--keep-going",
-           "--scheduler", "greedy"]
+           "--scheduler", "greedy"] + (["--until", *args.until] if args.until else [])
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
         rc = proc.wait(timeout=budget)
@@ -171,6 +171,8 @@ def main(argv=None) -> int:
     p.add_argument("--resource-log", default=None, help="where jobs append their resource lines (default: workdir)")
     p.add_argument("--count", action="append", default=[], metavar="KEY=N",
                    help=f"override a scaled-down count ({', '.join(COUNTS)}); batch settings never change")
+    p.add_argument("--until", nargs="+", default=None, metavar="RULE",
+                   help="run the chain only up to these rules (snakemake --until), e.g. rdpo")
     p.add_argument("--budget-s", type=float, default=480.0,
                    help="wall-clock budget for weights + chain; stages not finished by then are reported not ok")
     return run(p.parse_args(argv))
