@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from epd.backbones import KINDS, backbone_class, kinds_with, load_backbone  # noqa: E402
 from epd.backbones.adapter import CAPABILITIES, BackboneAdapter  # noqa: E402
-from epd.backbones.base import Backbone, Denoiser, batch_of  # noqa: E402
+from epd.backbones.base import Backbone  # noqa: E402
+from epd.denoiser import Denoiser, batch_of  # noqa: E402
 from epd.errors import ConfigError  # noqa: E402
 
 K, B = 3, 2  # parallel points, conditioning batch
