@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from epd.parallel import (PointParallelDenoiser, check_world_size, gather_shards
 from epd.solvers import solve
 from epd.table import uniform_table
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _recorder import CallRecorder  # noqa: E402
+
 WORLD = 2
 B = 3
 CASES = [(2, False), (4, False), (4, True)]  # (K, analytic first step)
@@ -35,16 +39,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class _Recorder:
-    """GMM denoiser that records the batch size of every call it evaluates."""
-
-    def __init__(self, inner):
-        self.inner, self.coords, self.passes_per_eval = inner, inner.coords, inner.passes_per_eval
-        self.rows: list[int] = []
-
-    def __call__(self, x, sigma, cond=None):
-        self.rows.append(x.shape[0])
-        return self.inner(x, sigma, cond)
+_Recorder = CallRecorder
 
 
 def _problem():

@@ -9,6 +9,9 @@ Solver accuracy and parity with diffusers are tested in test_solvers_core.py and
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -17,6 +20,9 @@ from epd.errors import ConfigError
 from epd.schedules import edm_polynomial
 from epd.solvers import SOLVERS, TABLE_SOLVERS, paper_nfe, solve, steps_for_nfe
 from epd.table import uniform_table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _recorder import CallRecorder  # noqa: E402
 
 NAMES = sorted(SOLVERS)
 B, N, K = 4, 6, 2  # images, grid points, points per EPD step
@@ -30,16 +36,7 @@ EPD_KEYS = {"points"}  # table solvers: the K intermediate noise levels, (B, K)
 WITH_AFS = [(n, afs) for n in NAMES for afs in ((False, True) if n in TABLE_SOLVERS else (False,))]
 
 
-class _Calls:
-    """A denoiser wrapper recording the state rows of every call (the solver's view)."""
-
-    def __init__(self, inner):
-        self.inner, self.coords, self.passes_per_eval = inner, inner.coords, inner.passes_per_eval
-        self.rows: list[int] = []
-
-    def __call__(self, x, sigma, cond=None):
-        self.rows.append(x.shape[0])
-        return self.inner(x, sigma, cond)
+_Calls = CallRecorder
 
 
 def _denoiser(guidance: float = 2.0):
