@@ -273,7 +273,7 @@ def _clip_tokenizer(size: str, pad_token: str | None = None) -> Callable:
         kw = {"pad_token": pad_token} if pad_token else {}
         merges = TINY_MERGES if size == "tiny" else None
         return CLIPTokenizer.from_pretrained(str(build_clip_tokenizer(tmp / "clip", merges)), model_max_length=77,
-                                             **kw)
+                                             local_files_only=True, **kw)
 
     return build
 
@@ -286,7 +286,8 @@ def _t5_tokenizer(size: str) -> Callable:
         from .tiny_tokenizers import build_t5_tokenizer
 
         n = 32000 if size == "full" else 1000
-        return T5TokenizerFast.from_pretrained(str(build_t5_tokenizer(tmp / "t5", n, 100, exact=size == "full")))
+        return T5TokenizerFast.from_pretrained(str(build_t5_tokenizer(tmp / "t5", n, 100, exact=size == "full")),
+                                               local_files_only=True)
 
     return build
 
@@ -538,7 +539,7 @@ def write_imagereward(root: Path, size: str, seed: int, workers: int | None = No
     with _staged_dir(root / _rel("imagereward_bert")) as bert, tempfile.TemporaryDirectory() as tmp:
         build_bert_vocab(bert)
         if size == "tiny":  # room for the vocabulary and BLIP's [DEC]/[ENC] tokens
-            med["vocab_size"] = -(-(len(BertTokenizer.from_pretrained(str(bert))) + 2) // 8) * 8
+            med["vocab_size"] = -(-(len(BertTokenizer.from_pretrained(str(bert), local_files_only=True)) + 2) // 8) * 8
         (Path(tmp) / "med_config.json").write_text(json.dumps(med, indent=2) + "\n")
         model, n = _filled(lambda: build_imagereward_model(Path(tmp) / "med_config.json", bert,
                                                            IMAGEREWARD_VIT[size], med["hidden_size"]),

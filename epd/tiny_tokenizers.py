@@ -133,7 +133,7 @@ def build_t5_tokenizer(out_dir: str | Path, vocab_size: int = 1000, extra_ids: i
     model = _train_spiece(out, vocab_size, exact)
     tok = T5TokenizerFast(vocab_file=str(model), extra_ids=extra_ids, model_max_length=512)
     tok.save_pretrained(str(out))
-    T5TokenizerFast.from_pretrained(str(out))  # fail here, not in the caller, if the folder is unusable
+    T5TokenizerFast.from_pretrained(str(out), local_files_only=True)  # fail here, not in the caller, if the folder is unusable
     return out
 
 
@@ -186,7 +186,7 @@ def build_clip_processor(out_dir: str | Path, image_size: int = 224, tokenizer_d
     out = Path(out_dir)
     with tempfile.TemporaryDirectory(prefix="epd_clip_tok_") as tmp:
         src = tokenizer_dir or build_clip_tokenizer(tmp)
-        tok = CLIPTokenizer.from_pretrained(str(src), model_max_length=77)
+        tok = CLIPTokenizer.from_pretrained(str(src), model_max_length=77, local_files_only=True)
     ip = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
                             resample=3, image_mean=CLIP_MEAN, image_std=CLIP_STD)
     CLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(str(out))

@@ -111,6 +111,7 @@ FROM_PRETRAINED_ALLOWED = {
                                     "local_files_only=True (checked by this same test)",
     "SD3Backbone.from_pretrained": "epd's own constructor (as above)",
     "FluxBackbone.from_pretrained": "epd's own constructor (as above)",
+    "cls.from_pretrained": "DiffusersBackbone.from_section calling the adapter's own constructor (as above)",
 }
 
 
