@@ -2,8 +2,8 @@
 
 Statically, for every block: each program exists where the README says (`bash scripts/...`, `.venv/bin/...`),
 each `--configfile` exists, and each `epd` command line of the Commands block names a real command whose parser
-accepts every flag shown. By running it: the DVC section's block, verbatim, in a fresh clone
-(``EPD_README_RUN=1``; `.ci/run` sets it in the clone that has no ``../shared`` beside it; the run takes minutes).
+accepts every flag shown. By running it: the DVC section's block, verbatim, in a fresh clone (``EPD_README_RUN=1``:
+the whole default study from the pulled checkpoints, several minutes).
 Blocks not run: the quick start (it is `.ci/run` itself), real backbones (GPU and weights), the MLflow UI (a server).
 """
 
@@ -85,7 +85,7 @@ def test_commands_block_names_real_commands_and_flags():
 
 
 @pytest.mark.skipif(os.environ.get("EPD_README_RUN") != "1", reason="runs the DVC block's study (minutes): "
-                    "set EPD_README_RUN=1 (.ci/run does, in a clone without ../shared)")
+                    "set EPD_README_RUN=1")
 def test_dvc_block_runs_verbatim_in_a_fresh_clone(tmp_path):
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
