@@ -153,14 +153,9 @@ def distill(backbone, *, sigmas: torch.Tensor, x_init: torch.Tensor, targets: to
             ``cfg.feature_weight > 0`` the loss adds ``feature_weight * mean ||f(x_N) - f(x_N^teacher)||^2 / d``.
     """
     out_dir = Path(out_dir)
-    if cfg.feature_weight > 0 and feature_fn is None:
-        raise ConfigError("distill.feature_weight: this backbone has no differentiable metric feature extractor; "
-                          "set it to 0")
+    _check_inputs(cfg, feature_fn, sigmas, x_init, targets, prompts)
     out_dir.mkdir(parents=True, exist_ok=True)
     N = len(sigmas)
-    if targets.shape[1] != N - 1 or targets.shape[0] != x_init.shape[0] or len(prompts) != x_init.shape[0]:
-        raise ConfigError(f"teacher set shapes do not match the student: states {tuple(targets.shape)}, "
-                          f"x_init {tuple(x_init.shape)}, {len(prompts)} prompts, grid of {N} points")
     torch.manual_seed(cfg.seed)
     meta = {"num_steps": N, "num_points": num_points, "afs": afs, **(meta or {})}
     init = uniform_table(N, num_points, r_base=cfg.init_r_base, r_eps=cfg.init_r_eps, meta=meta)
@@ -170,26 +165,18 @@ def distill(backbone, *, sigmas: torch.Tensor, x_init: torch.Tensor, targets: to
     ckpt = out_dir / "checkpoint.pt"
     fingerprint = _fingerprint(cfg, sigmas, x_init, targets, num_points, afs, scale_dir, scale_time)
     start, history = _resume(ckpt, fingerprint, params, opt, gen)
-    den = backbone.denoiser
-    for p in getattr(den, "parameters", lambda: [])():
-        p.requires_grad_(False)
-    if cfg.checkpoint_denoiser:
-        den = _Checkpointed(den)
+    den = _frozen_denoiser(backbone, cfg)
     dtype = x_init.dtype
     device = torch.device(getattr(backbone, "device", "cpu"))  # teacher states stay in host memory; batches move
     sig = sigmas.to(device, dtype)
-    n = x_init.shape[0]
     t0 = time.time()
     bar = tqdm(range(start, cfg.iterations), desc=f"distill N={N} K={num_points}", initial=start,
                total=cfg.iterations, unit="it")
-    def oom():
-        return out_of_memory_names("distill.micro_batch", cfg.micro_batch or cfg.batch, "Stage-1 distillation (also "
-                                   "distill.checkpoint_denoiser: true keeps one denoiser call's activations)")
-
+    oom = lambda: _out_of_memory(cfg)  # noqa: E731
     for it in bar:
         for g in opt.param_groups:
             g["lr"] = _lr_at(cfg, it)
-        idx = torch.randperm(n, generator=gen)[: cfg.batch]
+        idx = torch.randperm(len(x_init), generator=gen)[: cfg.batch]
         labels = [f"distill iteration {it + 1}, teacher trajectory {i}"
                   f"{f' (seed {seeds[i]})' if seeds is not None else ''}, prompt {prompts[i]!r}" for i in idx.tolist()]
         opt.zero_grad(set_to_none=True)
@@ -197,12 +184,7 @@ def distill(backbone, *, sigmas: torch.Tensor, x_init: torch.Tensor, targets: to
             lambda sub, lab: _forward(backbone, den, params, x_init[sub].to(device), targets[sub].to(device),
                                       [prompts[i] for i in sub.tolist()], sig, afs, cfg, feature_fn, lab, it, oom),
             idx, labels, cfg.micro_batch or len(idx), oom)
-        for p in params.parameters():
-            if p.grad is not None:
-                torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
-        opt.step()
-        rec = {"iteration": it + 1, "loss": loss.item(), "final_rmse": per_step[-1].detach().sqrt().item(),
-               "lr": opt.param_groups[0]["lr"], **({"feature_loss": feat.item()} if feat is not None else {})}
+        rec = _optimizer_step(params, opt, it, loss, per_step, feat)
         history.append(rec)
         bar.set_postfix(loss=f"{rec['loss']:.4g}")
         if run is not None:
@@ -210,12 +192,7 @@ def distill(backbone, *, sigmas: torch.Tensor, x_init: torch.Tensor, targets: to
         if (it + 1) % cfg.save_every == 0 or it + 1 == cfg.iterations:
             _save_checkpoint(ckpt, {"params": params.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
                                     "iteration": it + 1, "history": history, "fingerprint": fingerprint})
-    table = params.to_table(provenance={"stage": "distill", "iterations": cfg.iterations, "config": asdict(cfg),
-                                        "final_loss": history[-1]["loss"] if history else None,
-                                        "seconds": round(time.time() - t0, 2)})
-    save(table, out_dir / "table")
-    atomic_write_text(out_dir / "distill_log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-    return table
+    return _write_table(params, cfg, history, time.time() - t0, out_dir)
 
 
 class _Checkpointed:
@@ -232,6 +209,48 @@ class _Checkpointed:
 
     def __getattr__(self, name):
         return getattr(self.den, name)
+
+
+def _optimizer_step(params, opt, it: int, loss, per_step, feat) -> dict:
+    """Adam step on the accumulated gradient (NaN/inf entries zeroed); the iteration's log record."""
+    for p in params.parameters():
+        if p.grad is not None:
+            torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+    opt.step()
+    return {"iteration": it + 1, "loss": loss.item(), "final_rmse": per_step[-1].detach().sqrt().item(),
+            "lr": opt.param_groups[0]["lr"], **({"feature_loss": feat.item()} if feat is not None else {})}
+
+
+def _write_table(params, cfg: DistillConfig, history: list, seconds: float, out_dir: Path) -> EPDTable:
+    table = params.to_table(provenance={"stage": "distill", "iterations": cfg.iterations, "config": asdict(cfg),
+                                        "final_loss": history[-1]["loss"] if history else None,
+                                        "seconds": round(seconds, 2)})
+    save(table, out_dir / "table")
+    atomic_write_text(out_dir / "distill_log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    return table
+
+
+def _check_inputs(cfg, feature_fn, sigmas, x_init, targets, prompts) -> None:
+    if cfg.feature_weight > 0 and feature_fn is None:
+        raise ConfigError("distill.feature_weight: this backbone has no differentiable metric feature extractor; "
+                          "set it to 0")
+    N = len(sigmas)
+    if targets.shape[1] != N - 1 or targets.shape[0] != x_init.shape[0] or len(prompts) != x_init.shape[0]:
+        raise ConfigError(f"teacher set shapes do not match the student: states {tuple(targets.shape)}, "
+                          f"x_init {tuple(x_init.shape)}, {len(prompts)} prompts, grid of {N} points")
+
+
+def _frozen_denoiser(backbone, cfg: DistillConfig):
+    """The backbone's denoiser with its weights frozen (only the table learns), checkpointed when configured."""
+    den = backbone.denoiser
+    for p in getattr(den, "parameters", lambda: [])():
+        p.requires_grad_(False)
+    return _Checkpointed(den) if cfg.checkpoint_denoiser else den
+
+
+def _out_of_memory(cfg: DistillConfig):
+    return out_of_memory_names("distill.micro_batch", cfg.micro_batch or cfg.batch, "Stage-1 distillation (also "
+                               "distill.checkpoint_denoiser: true keeps one denoiser call's activations)")
 
 
 def _forward(backbone, den, params, x, target, prompts, sig, afs, cfg, feature_fn, labels, it, oom):
