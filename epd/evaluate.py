@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", default=None, help="prompt file (.txt/.csv); images must cover it exactly")
     p.add_argument("--metrics", required=True, nargs="+",
                    help="metric names, space- or comma-separated (see `epd metrics list`)")
-    p.add_argument("--out-dir", default=None, help="output folder (default: <images>_eval next to the images)")
+    p.add_argument("--out", "--out-dir", dest="out_dir", default=None,
+                   help="output folder (default: <images>_eval next to the images)")
     p.add_argument("--weights-dir", default=None, help="weights root tried before $EPD_WEIGHTS_DIR and data/weights")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")

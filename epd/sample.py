@@ -226,7 +226,8 @@ def add_arguments(p):
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--prompt", default=None, help="one prompt for every seed")
     p.add_argument("--prompt-file", "--prompt_file", dest="prompt_file", default=None, help="txt or csv (text)")
-    p.add_argument("--outdir", required=True)
+    p.add_argument("--out", "--outdir", dest="outdir", required=True,
+                   help="output folder (PNG per image, sidecar JSON, summary.json); --outdir is the original's name")
     p.add_argument("--label", default=None, help="solver label stored in sidecars (default: solver name)")
     p.add_argument("--grid", action="store_true", help="also write grid.png of the first 64 images")
     p.add_argument("--subdirs", action="store_true", help="group images in folders of 1000 seeds")

@@ -313,7 +313,8 @@ def export_run(run_dir: str | Path, *, checkpoint: str | Path | None = None, out
 def add_arguments(p) -> None:
     p.add_argument("run_dir", help="RDPO run directory (holds checkpoints/, configs/resolved_config.yaml, logs/)")
     p.add_argument("--checkpoint", help="policy checkpoint (absolute, or relative to RUN_DIR); default: latest step")
-    p.add_argument("--output-dir", help="where to write the export (default: RUN_DIR/export)")
+    p.add_argument("--out", "--output-dir", dest="output_dir",
+                   help="where to write the export (default: RUN_DIR/export); --output-dir is the original's name")
     p.add_argument("--template", help="start snapshot of the run (default: the resolved config's "
                                       "data.predictor_snapshot)")
     p.add_argument("--keep-policy-scales", action="store_true",
