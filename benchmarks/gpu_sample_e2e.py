@@ -49,7 +49,8 @@ from epd.backbones.flux import FluxBackbone, pack_latents, unpack_latents  # noq
 from epd.backbones.sd3 import SD3Backbone  # noqa: E402
 from epd.backbones.sd15 import SCHEDULER_CONFIG as SD15_SCHEDULER, SD15Backbone  # noqa: E402
 from epd.graphs import CUDAGraphDenoiser  # noqa: E402
-from epd.sample import make_denoiser, resolve_grid, sample_batch  # noqa: E402
+from epd.sample import make_denoiser, sample_batch  # noqa: E402
+from epd.study import resolve_grid  # noqa: E402
 
 NFE = 10
 SOLVER = "euler"

@@ -364,7 +364,7 @@ def run(args):
     from . import tracking
     from .backbones import load_backbone
     from .config import backbone_section, load_config
-    from .teacher import load_teacher, student_setup, teacher_sigmas
+    from .study import load_teacher, student_setup, teacher_sigmas
 
     cfg = load_config(args.config)
     sec = backbone_section(cfg, args.backbone)

@@ -21,7 +21,8 @@ from .errors import ConfigError, EPDError
 from .io import atomic_path, atomic_write_json, config_hash, parse_seeds, read_json
 from .predictor import load as load_table
 from .prompts import pair, resolve_prompts
-from .solvers import TABLE_SOLVERS, solve, steps_for_nfe
+from .solvers import TABLE_SOLVERS, solve
+from .study import resolve_grid
 from .table import check_compatible
 
 log = logging.getLogger(__name__)
@@ -36,23 +37,6 @@ def save_png(img: torch.Tensor, path: Path) -> None:
     arr = (img.clamp(0, 1).permute(1, 2, 0).cpu().float().numpy() * 255 + 0.5).astype(np.uint8)
     with atomic_path(path, suffix=".png") as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")
-
-
-def resolve_grid(backbone, solver: str, *, nfe: int | None = None, steps: int | None = None, table=None,
-                 schedule: str | None = None, afs: bool = True, rho=None) -> torch.Tensor:
-    """Noise levels for a run: from the table's metadata (EPD), or from NFE/steps for baselines."""
-    kw = {"rho": rho} if rho is not None else {}
-    if table is not None:
-        sched = table.meta.get("schedule_type") or schedule
-        if sched in ("polynomial",):
-            sched = "edm"
-        if table.meta.get("schedule_rho") is not None and sched in ("edm", "polynomial", "time_uniform", "discrete"):
-            kw["rho"] = table.meta["schedule_rho"]
-        return backbone.sigmas(table.num_steps, sched, **kw)
-    if (nfe is None) == (steps is None):
-        raise ConfigError("give exactly one of --nfe or --steps for a baseline solver")
-    n_points = steps_for_nfe(solver, nfe, afs) if nfe is not None else steps + 1
-    return backbone.sigmas(n_points, schedule, **kw)
 
 
 def make_denoiser(backbone, cuda_graphs: str = "auto"):

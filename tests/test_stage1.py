@@ -14,7 +14,8 @@ from epd.io import parse_seeds, read_prompts
 from epd.predictor import load, save
 from epd.solvers import solve
 from epd.table import check_compatible, uniform_table
-from epd.teacher import generate, load_teacher, teacher_sigmas
+from epd.study import load_teacher, teacher_sigmas
+from epd.teacher import generate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _shared import fixture  # noqa: E402

@@ -16,7 +16,8 @@ import torch
 from ..config import backbone_section, load_config
 from ..distill import DistillConfig, distill, metric_features
 from ..prompts import pair, resolve_prompts
-from ..teacher import generate, load_teacher, student_setup, teacher_sigmas
+from ..study import load_teacher, student_setup, teacher_sigmas
+from ..teacher import generate
 
 
 def machine() -> dict:

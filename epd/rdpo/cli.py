@@ -24,7 +24,7 @@ def setup(cfg: dict, backbone_name: str, init: str, weights: str | None, device:
     from ..io import parse_seeds
     from ..predictor import load
     from ..prompts import resolve_prompts
-    from ..sample import resolve_grid
+    from ..study import resolve_grid
     from ..table import check_compatible
     from .trainer import MultiReward, RDPOConfig
 

@@ -426,7 +426,8 @@ def test_resuming_a_distillation_with_other_settings_is_refused(tmp_path):
     from epd.backbones.gmm import GMMBackbone, make_gmm
     from epd.distill import DistillConfig, distill
     from epd.errors import ConfigError
-    from epd.teacher import generate, load_teacher, teacher_sigmas
+    from epd.study import load_teacher, teacher_sigmas
+    from epd.teacher import generate
 
     bb = GMMBackbone(make_gmm(dim=4, num_classes=2, per_class=1, seed=3))
     generate(bb, prompts=["0", "1"], seeds=list(range(32)), num_points=4, M=1, solver="heun", out_dir=tmp_path / "t")

@@ -104,7 +104,8 @@ def test_nan_weights_in_a_backbone_checkpoint_stop_sampling_at_step_0(ws, tmp_pa
 
 def test_denoiser_nan_during_distillation_names_iteration(tmp_path):
     from epd.distill import DistillConfig, distill
-    from epd.teacher import generate, load_teacher, teacher_sigmas
+    from epd.study import load_teacher, teacher_sigmas
+    from epd.teacher import generate
 
     bb = _gmm()
     generate(bb, prompts=["0", "1"], seeds=list(range(64)), num_points=4, M=3, solver="heun", out_dir=tmp_path / "t",
@@ -141,7 +142,8 @@ def test_denoiser_nan_during_distillation_names_iteration(tmp_path):
 def test_nan_in_a_teacher_shard_names_shard_and_seed(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from epd.teacher import generate, load_teacher
+    from epd.study import load_teacher
+    from epd.teacher import generate
 
     bb = _gmm()
     generate(bb, prompts=["0", "1"], seeds=list(range(100, 140)), num_points=4, M=1, solver="heun",
