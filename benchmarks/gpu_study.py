@@ -86,10 +86,10 @@ def _projection(stage: str, per_item: float, full: dict, backbone: str, rows_ful
 
 def aggregate(log_rows: list[dict], cfg: dict, full: dict, backbone: str, failed: set[str], gpu: str) -> list[dict]:
     """One row per stage from the jobs' resource lines."""
-    from epd.config import sample_rows_count
+    from epd.config import study_rows
 
     sec = cfg["backbones"][backbone]
-    rows_full = sample_rows_count(full["backbones"][backbone])
+    rows_full = len(study_rows(full["backbones"][backbone]))
     out = []
     for stage in ("teacher", "distill", "rdpo", "sample", "evaluate", "report"):
         jobs = [r for r in log_rows if stage_of(r) == stage]

@@ -11,7 +11,7 @@ import yaml
 from .errors import ConfigError
 
 __all__ = ["load_config", "backbone_section", "validate", "schema_path", "study_files", "check_study",
-           "skipped_pairs", "study_rows", "sample_rows_count", "TABLE_LABELS", "ASSETS_DIR", "ASSETS_FETCH",
+           "skipped_pairs", "study_rows", "TABLE_LABELS", "ASSETS_DIR", "ASSETS_FETCH",
            "STUDY_KEYS"]
 
 # Where ``epd assets fetch`` puts the original system's released files, and the command that brings them.
@@ -129,10 +129,6 @@ def study_rows(sec: dict) -> list[tuple[str, int]]:
     rows += [("epd_rdpo", n) for n in sec.get("rdpo_nfes", []) if runs("epd", n, afs)]
     rows += [(f"released_{label}", 0) for label in sec.get("predictors") or {}]
     return rows
-
-
-def sample_rows_count(sec: dict) -> int:
-    return len(study_rows(sec))
 
 
 def skipped_pairs(config: dict) -> dict[str, list[str]]:
