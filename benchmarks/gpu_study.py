@@ -131,7 +131,8 @@ def run(args) -> int:
     t0 = time.time()
     budget = max(30.0, args.budget_s - fake_s)
     cmd = [sys.executable, "-m", "snakemake", "--cores", "all", "--configfile", str(cfg_path), "--keep-going",
-           "--scheduler", "greedy"] + (["--until", *args.until] if args.until else [])
+           "--scheduler", "greedy"] + (["--until", *args.until] if args.until else []) \
+        + (["--resources", f"gpu={args.gpu_jobs}"] if args.gpu_jobs else [])
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
         rc = proc.wait(timeout=budget)
@@ -173,6 +174,9 @@ def main(argv=None) -> int:
                    help=f"override a scaled-down count ({', '.join(COUNTS)}); batch settings never change")
     p.add_argument("--until", nargs="+", default=None, metavar="RULE",
                    help="run the chain only up to these rules (snakemake --until), e.g. rdpo")
+    p.add_argument("--gpu-jobs", type=int, default=None, metavar="G",
+                   help="at most G GPU jobs at once (snakemake --resources gpu=G); default: no limit. FLUX needs 1: "
+                        "two of its 12B-transformer jobs do not fit one 80 GB card together")
     p.add_argument("--budget-s", type=float, default=480.0,
                    help="wall-clock budget for weights + chain; stages not finished by then are reported not ok")
     return run(p.parse_args(argv))
