@@ -241,11 +241,17 @@ def _check_inputs(cfg, feature_fn, sigmas, x_init, targets, prompts) -> None:
 
 
 def _frozen_denoiser(backbone, cfg: DistillConfig):
-    """The backbone's denoiser with its weights frozen (only the table learns), checkpointed when configured."""
+    """The backbone's denoiser with its weights frozen (only the table learns), checkpointed when configured: each
+    call is recomputed in the backward pass and, where the backbone can, that recomputation keeps only its network's
+    block boundaries (capability ``block_checkpointing``)."""
     den = backbone.denoiser
     for p in getattr(den, "parameters", lambda: [])():
         p.requires_grad_(False)
-    return _Checkpointed(den) if cfg.checkpoint_denoiser else den
+    if not cfg.checkpoint_denoiser:
+        return den
+    if getattr(backbone, "block_checkpointing", False):
+        backbone.enable_block_checkpointing()
+    return _Checkpointed(den)
 
 
 def _out_of_memory(cfg: DistillConfig):

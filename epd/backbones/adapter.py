@@ -22,6 +22,9 @@ CAPABILITIES = {
     "needs_weights_check": "`epd backbone check` validates its local weights folder before any job loads it",
     "metric_features": "differentiable features of its own metric, for `distill.feature_weight`",
     "heldout_reference": "held-out real images: the built-in reference of its set metrics (FD without --fid-ref)",
+    "block_checkpointing": "its network can recompute activations block by block in backward passes "
+                           "(`enable_block_checkpointing()`): with `distill.checkpoint_denoiser` the recomputation "
+                           "of one denoiser call then keeps only block boundaries, not the whole call's activations",
 }
 
 
@@ -36,6 +39,7 @@ class BackboneAdapter:
         metric_features: None, or a classmethod ``(weights_dir, device="cpu") -> features``, ``features(x)``
             differentiable in the final states ``x`` of the backbone.
         heldout_reference: None, or a classmethod ``(weights_dir) -> images`` ``(N, 3, H, W)`` in ``[0, 1]``.
+        block_checkpointing (`bool`): instances have ``enable_block_checkpointing()``.
     """
 
     name = ""
@@ -44,6 +48,7 @@ class BackboneAdapter:
     needs_weights_check = False
     metric_features = None
     heldout_reference = None
+    block_checkpointing = False
 
     @classmethod
     def from_section(cls, section: dict, device: str = "cpu", **kw):
