@@ -245,7 +245,7 @@ def _frozen_denoiser(backbone, cfg: DistillConfig):
     call is recomputed in the backward pass and, where the backbone can, that recomputation keeps only its network's
     block boundaries (capability ``block_checkpointing``)."""
     den = backbone.denoiser
-    for p in getattr(den, "parameters", lambda: [])():
+    for p in backbone.weights():  # else a diffusers network accumulates a gradient for each of its weights
         p.requires_grad_(False)
     if not cfg.checkpoint_denoiser:
         return den

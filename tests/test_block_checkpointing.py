@@ -62,8 +62,13 @@ def test_block_checkpointing_keeps_the_table_and_recomputes_blocks(kind, tmp_pat
              out_dir=tmp_path / "t", batch=2)
     plain, plain_calls = _distill(bb, tmp_path / "t", tmp_path, False)
     ckpt, ckpt_calls = _distill(bb, tmp_path / "t", tmp_path, True)
+    # only the table learns: no network weight gets a gradient (FLUX: 24 GB of bf16 gradients otherwise)
+    assert all(p.grad is None and not p.requires_grad for p in bb.weights())
+    assert len(bb.weights()) == sum(1 for m in bb.pipe.components.values() if isinstance(m, torch.nn.Module)
+                                    for _ in m.parameters())
     for k in ("positions", "weights"):
         diff = (getattr(plain, k) - getattr(ckpt, k)).abs().max().item()
         assert diff <= 1e-6, (k, diff)
-    # forward, the call's recomputation, then each block's own recomputation in the backward pass
-    assert ckpt_calls == 3 * plain_calls, (plain_calls, ckpt_calls)
+    # the forward and the recomputation of each call give at most twice the plain count: more means that blocks
+    # were recomputed on their own in the backward pass
+    assert ckpt_calls > 2 * plain_calls, (plain_calls, ckpt_calls)

@@ -209,6 +209,9 @@ def test_distill_moves_teacher_batches_to_the_backbone_device(tmp_path):
         def prepare(self, prompts):
             return None
 
+        def weights(self):
+            return []
+
         def denoiser(self, x, sigma, cond=None):
             assert x.device.type == "meta", f"denoiser input on {x.device}"
             return x * 0

@@ -60,6 +60,10 @@ class BackboneAdapter:
         """Validate the local weights of ``section`` without loading them (where :attr:`needs_weights_check`)."""
         raise ConfigError(f"backbone {cls.name!r} has no local weights to check")
 
+    def weights(self):
+        """Every weight tensor of the loaded backbone (frozen by the stages that only learn a table)."""
+        return list(getattr(self.denoiser, "parameters", lambda: [])())
+
     @classmethod
     def supports(cls, capability: str) -> bool:
         """Whether this class has ``capability`` (a key of :data:`CAPABILITIES`)."""

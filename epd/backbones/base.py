@@ -34,6 +34,10 @@ class Backbone(Protocol):
     sigma_max: float
     default_schedule: str
 
+    def weights(self) -> list[torch.Tensor]:
+        """Every weight tensor of the loaded model (the stages that learn only a table freeze them)."""
+        ...
+
     def prepare(self, prompts: list[str]) -> Any:
         """Conditioning for a prompt batch, computed once (text embeddings cached; labels for digits)."""
 

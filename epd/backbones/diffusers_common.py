@@ -301,6 +301,10 @@ class DiffusersBackbone(BackboneAdapter):
         self.vae = pipe.vae
         self.scheduler_config = dict(pipe.scheduler.config)
 
+    def weights(self):
+        """The weights of every module of the pipeline (UNet/transformer, text encoders, VAE)."""
+        return [p for m in self.pipe.components.values() if isinstance(m, torch.nn.Module) for p in m.parameters()]
+
     def enable_block_checkpointing(self) -> None:
         """Recompute the UNet's/transformer's activations block by block in backward passes (diffusers' gradient
         checkpointing). Same values and gradients; the peak of a backward pass through one denoiser call falls from
