@@ -247,6 +247,9 @@ def _frozen_denoiser(backbone, cfg: DistillConfig):
     den = backbone.denoiser
     for p in backbone.weights():  # else a diffusers network accumulates a gradient for each of its weights
         p.requires_grad_(False)
+    # cuDNN's attention backward fails on FLUX at 1024 px (torch 2.11, H100/H200: "mha_graph.execute ... is_good()");
+    # the flash / memory-efficient kernels differentiate it. Process-wide: `epd distill` runs nothing else.
+    torch.backends.cuda.enable_cudnn_sdp(False)
     if not cfg.checkpoint_denoiser:
         return den
     if getattr(backbone, "block_checkpointing", False):
