@@ -158,11 +158,31 @@ def run_bench(config_path: str | os.PathLike, out: str | os.PathLike, weights: s
     return report
 
 
+def _images01(x):
+    return (x + 1) / 2
+
+
+@dataclass
+class _Ctx:
+    """What the sections of :func:`_measure` share: the loaded backbone, the data split, the scorers, the samples'
+    prompts, conditioning and starting noise, and the held-out digits' FD features."""
+
+    backbone: object
+    split: object
+    bcfg: BenchConfig
+    weights: Path
+    fd_scorer: object
+    acc_scorer: object
+    prompts: list
+    cond: object
+    x_T: torch.Tensor
+    n: int
+    feats_ho: torch.Tensor | None = None
+
+
 def _measure(weights: Path, guidance: float, train_cfg, bcfg: BenchConfig) -> dict:
-    from ..backbones.digits import PROMPTS, DigitsBackbone, load_split, to_base_resolution
-    from ..backbones.digits.scorers import make_accuracy, make_alignment, make_fd, make_realism
-    from ..backbones.digits.train import denoising_loss
-    from ..solvers import solve, steps_for_nfe
+    from ..backbones.digits import PROMPTS, DigitsBackbone, load_split
+    from ..backbones.digits.scorers import make_accuracy, make_fd
 
     backbone = DigitsBackbone.load(weights, guidance)
     split = load_split(train_cfg.split_seed, train_cfg.n_heldout, train_cfg.upsample)
@@ -170,104 +190,22 @@ def _measure(weights: Path, guidance: float, train_cfg, bcfg: BenchConfig) -> di
     if n > len(split.x_train):
         raise ConfigError(f"backbones.digits.bench.samples_per_class: {n} samples exceed the {len(split.x_train)} "
                           "train digits that serve as the equal-count real reference; lower it")
-    fd_scorer, acc_scorer = make_fd(weights), make_accuracy(weights)
     prompts = [PROMPTS[c] for c in range(10) for _ in range(bcfg.samples_per_class)]
-    cond = backbone.prepare(prompts)
-    x_T = backbone.noise(list(range(bcfg.seed, bcfg.seed + n)))
+    ctx = _Ctx(backbone, split, bcfg, weights, make_fd(weights), make_accuracy(weights), prompts,
+               backbone.prepare(prompts), backbone.noise(list(range(bcfg.seed, bcfg.seed + n))), n)
     res: dict = {"n_samples": n, "n_heldout": len(split.x_heldout), "n_train": len(split.x_train)}
-
-    def images01(x):
-        return (x + 1) / 2
-
-    # Real reference at equal counts: a train subset of n digits vs all held-out digits.
-    feats_ho = fd_scorer.features(images01(split.x_heldout))
-    sub = torch.randperm(len(split.x_train), generator=torch.Generator().manual_seed(bcfg.subset_seed))[:n]
-    feats_tr = fd_scorer.features(images01(split.x_train[sub]))
-    res["real_fd_train_vs_heldout"] = fd_scorer.compute(feats_tr, feats_ho)
-    res["fd_counts"] = {"generated_or_train_subset": n, "heldout_reference": len(split.x_heldout),
-                        "note": "every FD in this report is n generated (or n real train) vs all held-out digits"}
-    res["real_heldout_accuracy"] = float(acc_scorer(images01(split.x_heldout),
-                                                    [PROMPTS[int(c)] for c in split.y_heldout]).mean())
-
-    # Teacher.
-    t = time.perf_counter()
-    sig_t = backbone.sigmas(bcfg.teacher_steps + 1)
-    teacher = solve(bcfg.teacher_solver, backbone.denoiser, x_T, sig_t, cond=cond)
-    res["teacher"] = {"solver": bcfg.teacher_solver, "steps": bcfg.teacher_steps, "nfe": teacher.nfe,
-                      "forward_passes": teacher.forward_passes, "seconds": time.perf_counter() - t}
-    img_t = backbone.decode(teacher.x)
-    res["teacher_accuracy"] = float(acc_scorer(img_t, prompts).mean())
-    feats_t = fd_scorer.features(img_t)
-    res["teacher_fd"] = fd_scorer.compute(feats_t, feats_ho)
-    res["teacher_fd_vs_train_subset"] = fd_scorer.compute(feats_t, feats_tr)
-    res["teacher_fd_ratio"] = res["teacher_fd"] / res["real_fd_train_vs_heldout"]
-    res["teacher_samples_sha256"] = _sha(teacher.x)
-
-    # Teacher convergence: the same solve with twice the steps on a subset.
-    k = min(n, 300)
-    fine = solve(bcfg.teacher_solver, backbone.denoiser, x_T[:k], backbone.sigmas(2 * bcfg.teacher_steps + 1),
-                 cond=cond[:k])
-    res["teacher"]["rmse_vs_double_steps"] = float((fine.x - teacher.x[:k]).pow(2).mean().sqrt())
-
-    # Rewards: the teacher vs real held-out digits (0 is the maximum of both).
-    align, real = make_alignment(weights), make_realism(weights)
-    ho_prompts = [PROMPTS[int(c)] for c in split.y_heldout]
-    res["rewards"] = {
-        "teacher": {"digits_alignment": float(align(img_t, prompts).mean()),
-                    "digits_realism": float(real(img_t, prompts).mean())},
-        "heldout_real": {"digits_alignment": float(align(images01(split.x_heldout), ho_prompts).mean()),
-                         "digits_realism": float(real(images01(split.x_heldout), ho_prompts).mean())},
-        "upper_bound": {"digits_alignment": 0.0, "digits_realism": 0.0},
-    }
-
-    # Generalisation.
-    x_tr_base = to_base_resolution(images01(split.x_train))
-    nn_samples = _nearest_distance(to_base_resolution(img_t), x_tr_base)
-    nn_heldout = _nearest_distance(to_base_resolution(images01(split.x_heldout)), x_tr_base)
-    net = backbone.denoiser.net
-    res["generalisation"] = {
-        "train_loss": denoising_loss(net, split.x_train, split.y_train, train_cfg.p_mean, train_cfg.p_std),
-        "heldout_loss": denoising_loss(net, split.x_heldout, split.y_heldout, train_cfg.p_mean, train_cfg.p_std),
-        "nearest_train_distance_samples": float(nn_samples.mean()),
-        "nearest_train_distance_heldout": float(nn_heldout.mean()),
-        "note": "L2 in [-1, 1] pixel units at 8x8; losses are the EDM-weighted loss at 8 log-normal quantiles",
-    }
-    g = res["generalisation"]
-    g["heldout_over_train_loss"] = g["heldout_loss"] / g["train_loss"]
-    g["nearest_distance_ratio"] = g["nearest_train_distance_samples"] / g["nearest_train_distance_heldout"]
-
-    # Baselines.
-    table = []
-    t = time.perf_counter()
-    for name in bcfg.solvers:
-        for nfe in bcfg.nfes:
-            to_zero = False
-            try:
-                points = steps_for_nfe(name, nfe)
-            except ConfigError:
-                if name not in ("heun", "dpm2") or nfe % 2 == 0:
-                    raise
-                points, to_zero = (nfe + 1) // 2, True
-            out = solve(name, backbone.denoiser, x_T, backbone.sigmas(points), cond=cond, denoise_to_zero=to_zero)
-            img = backbone.decode(out.x)
-            table.append({"solver": name, "nfe": out.nfe, "grid_points": points, "final_step_to_zero": to_zero,
-                          "forward_passes": out.forward_passes,
-                          "fd": fd_scorer.compute(fd_scorer.features(img), feats_ho),
-                          "accuracy": float(acc_scorer(img, prompts).mean()),
-                          "rmse_vs_teacher": float((out.x - teacher.x).pow(2).mean().sqrt())})
-            if out.nfe != nfe:
-                raise EPDError(f"bench: {name} at NFE {nfe} made {out.nfe} evaluations")
-    res["baselines_seconds"] = time.perf_counter() - t
-    res["baselines"] = table
-    e5 = next((r for r in table if r["solver"] == "euler" and r["nfe"] == 5), None)
-    res["euler_nfe5_fd"] = e5["fd"] if e5 else None
-    res["euler_nfe5_fd_over_teacher"] = e5["fd"] / res["teacher_fd"] if e5 else None
-    res["guidance_sweep"] = _guidance_sweep(backbone, bcfg, fd_scorer, acc_scorer, align, real, feats_ho)
+    feats_tr = _real_reference(ctx, res)
+    teacher, img_t = _teacher_section(ctx, res, feats_tr)
+    align, real = _rewards_section(ctx, res, img_t)
+    _generalisation(ctx, res, img_t, train_cfg)
+    e5 = _baselines(ctx, res, teacher)
+    res["guidance_sweep"] = _guidance_sweep(backbone, bcfg, ctx.fd_scorer, ctx.acc_scorer, align, real, ctx.feats_ho)
     from ..io import sha256_file
 
     res["model_sha256"] = sha256_file(weights / "model.safetensors")[:16]
     res["model_meta"] = {k: v for k, v in json.loads((weights / "model.json").read_text()).items()
                          if k in ("arch", "steps", "train_seconds", "num_params", "final_log")}
+    g = res["generalisation"]
     res["checks"] = {
         "train_under_10_min": None,
         "teacher_accuracy_ge_0.95": res["teacher_accuracy"] >= 0.95,
@@ -276,6 +214,114 @@ def _measure(weights: Path, guidance: float, train_cfg, bcfg: BenchConfig) -> di
         "nearest_train_distance_within_20pct_of_heldout": abs(g["nearest_distance_ratio"] - 1) <= 0.2,
     }
     return res
+
+
+def _real_reference(ctx: _Ctx, res: dict) -> torch.Tensor:
+    """Real reference at equal counts: a train subset of n digits vs all held-out digits."""
+    from ..backbones.digits import PROMPTS
+
+    split, n = ctx.split, ctx.n
+    ctx.feats_ho = ctx.fd_scorer.features(_images01(split.x_heldout))
+    sub = torch.randperm(len(split.x_train), generator=torch.Generator().manual_seed(ctx.bcfg.subset_seed))[:n]
+    feats_tr = ctx.fd_scorer.features(_images01(split.x_train[sub]))
+    res["real_fd_train_vs_heldout"] = ctx.fd_scorer.compute(feats_tr, ctx.feats_ho)
+    res["fd_counts"] = {"generated_or_train_subset": n, "heldout_reference": len(split.x_heldout),
+                        "note": "every FD in this report is n generated (or n real train) vs all held-out digits"}
+    res["real_heldout_accuracy"] = float(ctx.acc_scorer(_images01(split.x_heldout),
+                                                        [PROMPTS[int(c)] for c in split.y_heldout]).mean())
+    return feats_tr
+
+
+def _teacher_section(ctx: _Ctx, res: dict, feats_tr):
+    """The teacher's samples, accuracy and FD, and its convergence (the same solve with twice the steps)."""
+    from ..solvers import solve
+
+    bb, bcfg = ctx.backbone, ctx.bcfg
+    t = time.perf_counter()
+    teacher = solve(bcfg.teacher_solver, bb.denoiser, ctx.x_T, bb.sigmas(bcfg.teacher_steps + 1), cond=ctx.cond)
+    res["teacher"] = {"solver": bcfg.teacher_solver, "steps": bcfg.teacher_steps, "nfe": teacher.nfe,
+                      "forward_passes": teacher.forward_passes, "seconds": time.perf_counter() - t}
+    img_t = bb.decode(teacher.x)
+    res["teacher_accuracy"] = float(ctx.acc_scorer(img_t, ctx.prompts).mean())
+    feats_t = ctx.fd_scorer.features(img_t)
+    res["teacher_fd"] = ctx.fd_scorer.compute(feats_t, ctx.feats_ho)
+    res["teacher_fd_vs_train_subset"] = ctx.fd_scorer.compute(feats_t, feats_tr)
+    res["teacher_fd_ratio"] = res["teacher_fd"] / res["real_fd_train_vs_heldout"]
+    res["teacher_samples_sha256"] = _sha(teacher.x)
+    k = min(ctx.n, 300)
+    fine = solve(bcfg.teacher_solver, bb.denoiser, ctx.x_T[:k], bb.sigmas(2 * bcfg.teacher_steps + 1),
+                 cond=ctx.cond[:k])
+    res["teacher"]["rmse_vs_double_steps"] = float((fine.x - teacher.x[:k]).pow(2).mean().sqrt())
+    return teacher, img_t
+
+
+def _rewards_section(ctx: _Ctx, res: dict, img_t):
+    """Rewards of the teacher vs real held-out digits (0 is the maximum of both); returns the two reward heads."""
+    from ..backbones.digits import PROMPTS
+    from ..backbones.digits.scorers import make_alignment, make_realism
+
+    align, real = make_alignment(ctx.weights), make_realism(ctx.weights)
+    ho, ho_prompts = _images01(ctx.split.x_heldout), [PROMPTS[int(c)] for c in ctx.split.y_heldout]
+    res["rewards"] = {
+        "teacher": {"digits_alignment": float(align(img_t, ctx.prompts).mean()),
+                    "digits_realism": float(real(img_t, ctx.prompts).mean())},
+        "heldout_real": {"digits_alignment": float(align(ho, ho_prompts).mean()),
+                         "digits_realism": float(real(ho, ho_prompts).mean())},
+        "upper_bound": {"digits_alignment": 0.0, "digits_realism": 0.0},
+    }
+    return align, real
+
+
+def _generalisation(ctx: _Ctx, res: dict, img_t, train_cfg) -> None:
+    """Train vs held-out denoising loss, and nearest-train distances of samples vs of held-out digits."""
+    from ..backbones.digits import to_base_resolution
+    from ..backbones.digits.train import denoising_loss
+
+    split = ctx.split
+    x_tr_base = to_base_resolution(_images01(split.x_train))
+    nn_samples = _nearest_distance(to_base_resolution(img_t), x_tr_base)
+    nn_heldout = _nearest_distance(to_base_resolution(_images01(split.x_heldout)), x_tr_base)
+    net = ctx.backbone.denoiser.net
+    g = res["generalisation"] = {
+        "train_loss": denoising_loss(net, split.x_train, split.y_train, train_cfg.p_mean, train_cfg.p_std),
+        "heldout_loss": denoising_loss(net, split.x_heldout, split.y_heldout, train_cfg.p_mean, train_cfg.p_std),
+        "nearest_train_distance_samples": float(nn_samples.mean()),
+        "nearest_train_distance_heldout": float(nn_heldout.mean()),
+        "note": "L2 in [-1, 1] pixel units at 8x8; losses are the EDM-weighted loss at 8 log-normal quantiles",
+    }
+    g["heldout_over_train_loss"] = g["heldout_loss"] / g["train_loss"]
+    g["nearest_distance_ratio"] = g["nearest_train_distance_samples"] / g["nearest_train_distance_heldout"]
+
+
+def _baselines(ctx: _Ctx, res: dict, teacher) -> dict | None:
+    """Every baseline solver at every NFE against the teacher; returns the Euler NFE-5 row (or None)."""
+    from ..solvers import solve, steps_for_nfe
+
+    bb, table, t = ctx.backbone, [], time.perf_counter()
+    for name in ctx.bcfg.solvers:
+        for nfe in ctx.bcfg.nfes:
+            to_zero = False
+            try:
+                points = steps_for_nfe(name, nfe)
+            except ConfigError:
+                if name not in ("heun", "dpm2") or nfe % 2 == 0:
+                    raise
+                points, to_zero = (nfe + 1) // 2, True
+            out = solve(name, bb.denoiser, ctx.x_T, bb.sigmas(points), cond=ctx.cond, denoise_to_zero=to_zero)
+            img = bb.decode(out.x)
+            table.append({"solver": name, "nfe": out.nfe, "grid_points": points, "final_step_to_zero": to_zero,
+                          "forward_passes": out.forward_passes,
+                          "fd": ctx.fd_scorer.compute(ctx.fd_scorer.features(img), ctx.feats_ho),
+                          "accuracy": float(ctx.acc_scorer(img, ctx.prompts).mean()),
+                          "rmse_vs_teacher": float((out.x - teacher.x).pow(2).mean().sqrt())})
+            if out.nfe != nfe:
+                raise EPDError(f"bench: {name} at NFE {nfe} made {out.nfe} evaluations")
+    res["baselines_seconds"] = time.perf_counter() - t
+    res["baselines"] = table
+    e5 = next((r for r in table if r["solver"] == "euler" and r["nfe"] == 5), None)
+    res["euler_nfe5_fd"] = e5["fd"] if e5 else None
+    res["euler_nfe5_fd_over_teacher"] = e5["fd"] / res["teacher_fd"] if e5 else None
+    return e5
 
 
 def _guidance_sweep(backbone, bcfg: BenchConfig, fd_scorer, acc_scorer, align, real, feats_ho) -> dict:
