@@ -89,16 +89,16 @@ def run(args):
 
     cfg = load_config(args.config)
     sec = backbone_section(cfg, args.backbone)
-    tea = dict(sec.get("teacher") or {})
+    tea = sec["teacher"]  # the schema fills its defaults
     st = student_setup(sec, args.nfe)
-    seeds = parse_seeds(args.seeds or tea.get("seeds", "0-255"))
+    seeds = parse_seeds(args.seeds or tea["seeds"])
     prompts = resolve_prompts(tea.get("prompts") or sec.get("prompts", {}).get("train", "builtin:digits"))
     bb = load_backbone(sec, device=args.device, weights_dir=args.weights)
-    params = {"nfe": args.nfe, "solver": tea.get("solver", "heun"), "M": int(tea.get("M", 19)),
-              "num_points": st["num_points_grid"], "seeds": f"{seeds[0]}-{seeds[-1]} ({len(seeds)})"}
+    params = {"nfe": args.nfe, "solver": tea["solver"], "M": tea["M"],
+              "grid_points": st["num_points_grid"], "seeds": f"{seeds[0]}-{seeds[-1]} ({len(seeds)})"}
     with tracking.start_run("teacher", backbone=args.backbone, params=params, tags={"nfe": args.nfe}) as r:
         m = generate(bb, prompts=prompts, seeds=seeds, num_points=st["num_points_grid"], M=params["M"],
-                     solver=params["solver"], out_dir=args.out, batch=int(tea.get("batch", 256)),
+                     solver=params["solver"], out_dir=args.out, batch=tea["batch"],
                      schedule=st["schedule"], rho=st["rho"])
         r.metrics({"teacher_nfe": m["teacher_nfe"], "seconds": m["seconds"]})
     print(f"teacher set: {len(seeds)} trajectories, {m['teacher_nfe']} NFE each -> {args.out}")
