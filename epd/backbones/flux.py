@@ -155,6 +155,16 @@ class FluxBackbone(DiffusersBackbone):
         self.denoiser = FluxDenoiser(self.transformer, settings.guidance_scale, settings.coords, 1e-3, t_max,
                                      self.device)
 
+    pipeline_latent_dims = 3  # FluxPipeline's latents are packed 2x2 patches (B, L, 4C)
+
+    def pipeline_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """States as ``FluxPipeline``'s packed latents."""
+        return pack_latents(x)
+
+    def from_pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """``FluxPipeline``'s packed latents as states ``(B, *latent_shape)``."""
+        return unpack_latents(latents, *self.latent_shape[1:])
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_components(cls, transformer, vae=None, text_encoders=(None, None), tokenizers=(None, None),
