@@ -256,3 +256,48 @@ def test_schedule_and_table_errors(built):
         EPDScheduler()
     with pytest.raises(ConfigError, match="coords: the table steps in 'edm' coordinates"):
         EPDScheduler.from_table(_table("sd3", 4, 2, coords="edm"))
+
+
+# ---------------------------------------------------------------------- the GPU benchmark, tiny on the CPU
+def test_gpu_benchmark_tiny_rows_are_complete_and_consistent(tmp_path):
+    """``benchmarks/gpu_diffusers_integration.py --size tiny`` on tiny fake weights: one row per backbone and path,
+    each with the issue's keys; the network calls it counts are what each path's scheduler or sampler makes."""
+    import importlib.util
+
+    import diffusers
+
+    from epd.backbones.weights import REGISTRY
+    from epd.fake_weights import write_fake_weights
+
+    spec = importlib.util.spec_from_file_location(
+        "gpu_diffusers_integration", Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_diffusers_integration.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    write_fake_weights(tmp_path / "w", "tiny", backbones=["sd15", "flux"], scorers=[], log=lambda _: None)
+    out = tmp_path / "r.json"
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--size", "tiny", "--weights", str(tmp_path / "w"), "--backbones", "sd15,flux",
+                           "--repeats", "1", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    doc = json.loads(out.read_text())
+    assert doc["complete"] and {"torch", "diffusers", "gpu"} <= doc["machine"].keys()
+    rows = doc["rows"]
+    assert [(r["backbone"], r["path"]) for r in rows] == [(b, p) for b in ("sd15", "flux") for p in bench.PATHS]
+    for r in rows:
+        assert "error" not in r and {"backbone", "resolution", "path", "nfe", "ms_per_image", "gpu"} <= r.keys()
+        assert r["ms_per_image"] > 0 and r["gpu"] == doc["machine"]["gpu"] and r["resolution"] == 64
+    for kind in ("sd15", "flux"):
+        by = {r["path"]: r for r in rows if r["backbone"] == kind}
+        N, K = doc["table_shapes"][kind]["N"], doc["table_shapes"][kind]["K"]
+        folder = tmp_path / "w" / REGISTRY[("backbone", kind)].rel / "scheduler"
+        stock = getattr(diffusers, by["stock_default"]["scheduler"]).from_pretrained(folder)
+        stock.set_timesteps(by["stock_default"]["steps"], **({"mu": 1.0} if stock.config.get("use_dynamic_shifting")
+                                                             else {}))
+        assert by["stock_default"]["nfe"] == len(stock.timesteps)
+        assert by["stock_euler_equal_nfe"]["nfe"] == by["apply_epd"]["nfe"] == 2 * (N - 1)
+        assert by["epd_scheduler"]["nfe"] == (K + 1) * (N - 1)
+        assert by["epd_scheduler"]["steps"] == by["apply_epd"]["steps"] == N - 1
+    with pytest.raises(SystemExit):
+        bench.main(["--size", "tiny", "--backbones", "sdxl", "--out", str(out)])
