@@ -34,8 +34,8 @@ SEEDS = [3, 4]
 MAX_SEQ = 16
 # family -> (tiny parts, pipeline builder, stock scheduler, resolution, guidance, extra call/backbone settings)
 FAMILIES = {
-    "sd15": (tiny_sd15, sd15_pipe, lambda: EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012,
-                                                                  beta_schedule="scaled_linear", steps_offset=1), 32, 7.5, {}),
+    "sd15": (tiny_sd15, sd15_pipe, lambda: EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1), 32, 7.5, {}),
     "sd3": (tiny_sd3, sd3_pipe, lambda: FlowMatchEulerDiscreteScheduler(shift=3.0), 128, 4.5,
             {"max_sequence_length": MAX_SEQ}),
     "flux": (tiny_flux, flux_pipe, lambda: FlowMatchEulerDiscreteScheduler(
@@ -158,16 +158,31 @@ def test_scheduler_keeps_fp32_state_and_default_latents_follow_the_pipeline(buil
 
 
 # ---------------------------------------------------------------------- the original's released tables
-@needs("rlepd/predictors")
-@pytest.mark.parametrize("name,kind,res", [("f15", "sd15", 32), ("f512", "sd3", 512), ("fflux", "flux", 1024)])
-def test_released_tables_load_into_the_scheduler(built, name, kind, res, tmp_path):
-    table = predictor.load(FIXTURES / name)
-    sched = EPDScheduler.from_table(FIXTURES / name / "network-snapshot-000005.pkl")
+RELEASED = FIXTURES.parent / "best_models"
+
+
+@needs("rlepd/best_models")
+def test_every_released_table_round_trips_through_a_scheduler_folder(tmp_path):
+    pkls = sorted(RELEASED.rglob("*.pkl"))
+    assert len(pkls) == 10
+    for i, pkl in enumerate(pkls):
+        table = predictor.load(pkl)
+        EPDScheduler.from_table(pkl).save_pretrained(tmp_path / str(i))
+        loaded = EPDScheduler.from_pretrained(tmp_path / str(i))
+        assert loaded.table.equal(table) and loaded.table.meta == json.loads(json.dumps(table.meta, default=str))
+        doc = json.loads((tmp_path / str(i) / "scheduler_config.json").read_text())
+        assert doc["_class_name"] == "EPDScheduler" and doc["backbone"] == table.meta["backbone"]
+
+
+@needs("rlepd/best_models")
+@pytest.mark.parametrize("rel_path,kind,res", [("sd15/sd15-best.pkl", "sd15", 32),
+                                               ("sd3-512/sd3-512-best.pkl", "sd3", 512), ("flux.pkl", "flux", 1024)])
+def test_released_tables_load_into_the_scheduler(built, rel_path, kind, res):
+    """The released SD1.5, SD3-512 and FLUX tables: the scheduler's grid is the one the backbone adapter gives the
+    table, with K + 1 evaluations per step, each step's first at the grid point in the model's time input."""
+    table = predictor.load(RELEASED / rel_path)
+    sched = EPDScheduler.from_table(RELEASED / rel_path)
     assert sched.table.equal(table) and sched.kind == kind
-    sched.save_pretrained(tmp_path)
-    assert EPDScheduler.from_pretrained(tmp_path).table.equal(table)
-    doc = json.loads((tmp_path / "scheduler_config.json").read_text())
-    assert doc["_class_name"] == "EPDScheduler" and doc["backbone"] == kind
     parts = built[kind][0]
     cls = backbone_class(kind)
     config = {"resolution": res, "guidance_scale": table.meta["guidance_rate"]}
@@ -178,27 +193,24 @@ def test_released_tables_load_into_the_scheduler(built, name, kind, res, tmp_pat
     sched.set_timesteps(N - 1, mu=mu)
     assert torch.allclose(sched.sigmas, bb.table_grid(table), rtol=1e-12, atol=0)
     assert len(sched.timesteps) == (K + 1) * (N - 1)
-    # each step's first evaluation is the probe at the grid point, in the model's time input
     probe = sched.timesteps[:: K + 1].double()
     grid = sched.sigmas[:-1].float().double()
     want = bb.denoiser.timestep(grid) if kind == "sd15" else grid * 1000
     assert torch.allclose(probe, want.float().double(), rtol=1e-6, atol=0)
 
 
-@needs("rlepd/predictors")
-def test_released_sd3_table_in_the_pipeline_matches_epd_sample(built):
-    table = predictor.load(FIXTURES / "f512")
-    parts, stock = built["sd3"]
+@needs("rlepd/best_models")
+def test_released_sd3_512_table_in_the_pipeline_matches_epd_sample(built):
+    table = predictor.load(RELEASED / "sd3-512" / "sd3-512-best.pkl")
+    stock = built["sd3"][1]
     bb = _backbone("sd3", built, resolution=512)
     sigmas = resolve_grid(bb, "epd", table=table)
-    ref = bb.noise(SEEDS[:1], sigma=float(sigmas[0]))
-    from epd.solvers import solve
-
-    ref = solve("epd", bb.denoiser, ref, sigmas.to(ref.dtype), cond=bb.prepare(PROMPTS[:1]), table=table).x
-    pipe = type(stock)(**{**stock.components, "scheduler": EPDScheduler.from_table(FIXTURES / "f512")})
+    ref, _, out = sample_batch(bb, "epd", SEEDS[:1], PROMPTS[:1], sigmas, table)
+    pipe = type(stock)(**{**stock.components, "scheduler": EPDScheduler.from_table(RELEASED / "sd3-512" /
+                                                                                   "sd3-512-best.pkl")})
     lat = pipe(PROMPTS[:1], num_inference_steps=10, guidance_scale=4.5, output_type="latent", height=512, width=512,
                generator=torch.Generator().manual_seed(SEEDS[0]), max_sequence_length=MAX_SEQ).images
-    assert rel(lat, ref) <= 1e-5
+    assert rel(lat, ref) <= 1e-5 and out.paper_nfe == 20
 
 
 # ---------------------------------------------------------------------- bad input
@@ -269,8 +281,8 @@ def test_gpu_benchmark_tiny_rows_are_complete_and_consistent(tmp_path):
     from epd.backbones.weights import REGISTRY
     from epd.fake_weights import write_fake_weights
 
-    spec = importlib.util.spec_from_file_location(
-        "gpu_diffusers_integration", Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_diffusers_integration.py")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_diffusers_integration.py"
+    spec = importlib.util.spec_from_file_location("gpu_diffusers_integration", script)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     write_fake_weights(tmp_path / "w", "tiny", backbones=["sd15", "flux"], scorers=[], log=lambda _: None)
