@@ -157,6 +157,32 @@ def test_scheduler_keeps_fp32_state_and_default_latents_follow_the_pipeline(buil
     assert y.dtype == torch.float16 and sched._state["y"].dtype == torch.float32
 
 
+def test_sigmas_call_argument(built, tmp_path):
+    """``sigmas``: FluxPipeline's default (``linspace(1, 1/n, n)``, passed even when the user gives none) and the
+    table's own grid select the table's grid; SD3's ``mu`` argument is a dynamic shift its table does not have. A
+    pipeline saved with the scheduler reloads it from its folder."""
+    import numpy as np
+
+    flux = built["flux"][1]
+    table = _table("flux", 5, 2, seed=5)
+    pipe = type(flux)(**{**flux.components, "scheduler": EPDScheduler.from_table(table)})
+    a = _call("flux", pipe, 4)
+    assert torch.equal(_call("flux", pipe, None, sigmas=np.linspace(1.0, 1 / 4, 4)), a)
+    sd3 = built["sd3"][1]
+    table = _table("sd3", 5, 2, seed=6)
+    sched = EPDScheduler.from_table(table)
+    pipe = type(sd3)(**{**sd3.components, "scheduler": sched})
+    b = _call("sd3", pipe, 4)
+    assert torch.equal(_call("sd3", pipe, None, sigmas=sched.table_grid().tolist()), b)
+    with pytest.raises(ConfigError, match="mu: the table is for 'sd3'"):
+        _call("sd3", pipe, 4, mu=1.0)
+    pipe.save_pretrained(tmp_path)
+    again = EPDScheduler.from_pretrained(tmp_path, subfolder="scheduler")
+    assert again.table.equal(table)
+    pipe = type(sd3)(**{**sd3.components, "scheduler": again})
+    assert torch.equal(_call("sd3", pipe, 4), b)
+
+
 # ---------------------------------------------------------------------- the original's released tables
 RELEASED = FIXTURES.parent / "best_models"
 
