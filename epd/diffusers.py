@@ -295,6 +295,12 @@ class EPDScheduler(SchedulerMixin, ConfigMixin):
             raise ConfigError(f"pipeline: the EPD table is for {self.kind!r} ({want}, latents of "
                               f"{self.adapter.pipeline_latent_dims} dims), got latents of shape "
                               f"{tuple(sample.shape)}; use the table in a " + want)
+        res = table_value(self.table, "img_resolution")
+        if self.adapter.table_records_resolution and res is not None:
+            px = self.adapter.latent_pixels(tuple(sample.shape))
+            if px != int(res):
+                raise ConfigError(f"resolution: the table was made at {int(res)} px, the pipeline samples {px} px "
+                                  f"(latents {tuple(sample.shape[1:])}); call it with height=width={int(res)}")
 
     def _denoised(self, model_output: torch.Tensor, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """``D(x, s)`` from the model's output: ``x - s eps`` (SD1.5, EDM) or ``x - t v`` (flow)."""

@@ -284,6 +284,18 @@ def test_schedule_and_table_errors(built):
         _call("flux", pipe, 3)
     with pytest.raises(ConfigError, match="resolution: predictor was made at 1024 px"):
         apply_epd(flux, made_at_1024)(PROMPTS, height=128, max_sequence_length=MAX_SEQ)
+    sd3 = built["sd3"][1]
+    pipe = type(sd3)(**{**sd3.components, "scheduler": EPDScheduler.from_table(_table("sd3", 4, 2,
+                                                                                      img_resolution=512))})
+    with pytest.raises(ConfigError, match=r"resolution: the table was made at 512 px, the pipeline samples 128 px "
+                                          r"\(latents \(4, 16, 16\)\); call it with height=width=512"):
+        _call("sd3", pipe, 3)
+    pipe.scheduler = EPDScheduler.from_table(_table("sd3", 4, 2, img_resolution=128))
+    assert _call("sd3", pipe, 3).shape == (2, 4, 16, 16)
+    pipe = type(flux)(**{**flux.components, "scheduler": EPDScheduler.from_table(_table("flux", 4, 2,
+                                                                                        img_resolution=256))})
+    with pytest.raises(ConfigError, match="resolution: the table was made at 256 px, the pipeline samples 128 px"):
+        _call("flux", pipe, 3)
     with pytest.raises(ConfigError, match="shift: the table was made with shift 2.0"):
         EPDScheduler.from_table(_table("sd3", 4, 2, flowmatch_shift=2.0)).set_timesteps(3)
     with pytest.raises(ConfigError, match="table: its metadata names no backbone"):

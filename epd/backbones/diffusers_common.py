@@ -440,6 +440,11 @@ class DiffusersBackbone(BackboneAdapter):
         """States ``(B, *latent_shape)`` in the pipeline's latent layout."""
         return x
 
+    @classmethod
+    def latent_pixels(cls, shape: tuple, vae_scale: int = 8) -> int:
+        """Image side in pixels of square pipeline latents of ``shape`` (the released VAEs downsample 8x)."""
+        return int(shape[-1]) * vae_scale
+
     def from_pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """The pipeline's latents as states ``(B, *latent_shape)``."""
         return latents

@@ -161,6 +161,11 @@ class FluxBackbone(DiffusersBackbone):
         """States as ``FluxPipeline``'s packed latents."""
         return pack_latents(x)
 
+    @classmethod
+    def latent_pixels(cls, shape: tuple, vae_scale: int = 8) -> int:
+        """Image side of square packed latents ``(B, L, C)``: ``sqrt(L)`` 2x2 patches per side."""
+        return round(int(shape[1]) ** 0.5) * 2 * vae_scale
+
     def from_pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """``FluxPipeline``'s packed latents as states ``(B, *latent_shape)``."""
         return unpack_latents(latents, *self.latent_shape[1:])
