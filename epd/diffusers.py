@@ -126,8 +126,8 @@ class EPDScheduler(SchedulerMixin, ConfigMixin):
         self.adapter = backbone_class(self.kind)
         coords = self.table.meta.get("coords") or ("flow" if self.adapter.flow else "edm")
         if coords != ("flow" if self.adapter.flow else "edm"):
-            raise ConfigError(f"coords: the table steps in {coords!r} coordinates; the {self.adapter.pipeline_class} "
-                              "scheduler runs in the model's native ones (use apply_epd for this table)")
+            raise ConfigError(f"coords: the table steps in {coords!r} coordinates; in a {self.adapter.pipeline_class} "
+                              f"the scheduler steps in the model's own ({'flow' if self.adapter.flow else 'edm'!r})")
         self.opts = EPDOptions.resolve(self.table, afs=None, plugin=plugin, max_order=max_order)
         self.K = self.table.num_points
         self.order = self.K + 1
