@@ -25,7 +25,7 @@ CORE = {
 }
 CORE_PACKAGES = ("epd.solvers",)  # with every module inside
 ABOVE_CORE = ("epd.backbones", "epd.teacher", "epd.distill", "epd.sample", "epd.evaluate", "epd.rdpo", "epd.report",
-              "epd.cli", "epd.bench", "epd.rewards", "epd.metrics")
+              "epd.cli", "epd.bench", "epd.rewards", "epd.metrics", "epd.diffusers")
 PURE_MATH = {"epd.metrics.stats"}  # inside epd.metrics but core: importing it is not an upward import
 # Core modules still importing upward for reasons outside the core refactoring: {module: reason}.
 KNOWN_UPWARD: dict[str, str] = {}
@@ -161,3 +161,11 @@ def _long_functions(rel: str) -> list[str]:
 @pytest.mark.parametrize("rel", LENGTH_CHECKED)
 def test_core_functions_are_short(rel):
     assert _long_functions(rel) == []
+
+
+def test_diffusers_integration_imports_only_core_and_backbones():
+    """``epd.diffusers`` (a scheduler and wrapper for stock pipelines) sits beside the stages: it uses the core and
+    the backbone adapters, never a stage, the report or the CLI."""
+    deps = GRAPH["epd.diffusers"]
+    assert {"epd.solvers.epd", "epd.backbones"} <= deps
+    assert [m for m in deps if not (_is_core(m) or m == "epd.backbones" or m.startswith("epd.backbones."))] == []

@@ -434,10 +434,32 @@ class DiffusersBackbone(BackboneAdapter):
             raise ConfigError("seeds: need at least one seed")
         z = torch.stack([torch.randn(self.latent_shape, generator=torch.Generator("cpu").manual_seed(int(s)))
                          for s in seeds]).to(self.device)
+        return self.scale_noise(z, sigma)
+
+    def scale_noise(self, z: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
+        """A standard normal draw ``z`` as the initial state at ``sigma`` (default ``sigma_max``) in the denoiser's
+        coordinates (see :meth:`noise`)."""
         if self.coords == "flow":
             return z
         s = self.sigma_max if sigma is None else float(sigma)
         return z * (1 + s) if self.flow else z * s
+
+    # The pipeline's own latent layout (what its ``latents`` argument and ``output_type="latent"`` hold).
+    pipeline_latent_dims = 4
+    """Dimensions of the pipeline's latents (``(B, C, H, W)``; FLUX packs them into ``(B, L, C)``)."""
+
+    def pipeline_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """States ``(B, *latent_shape)`` in the pipeline's latent layout."""
+        return x
+
+    @classmethod
+    def latent_pixels(cls, shape: tuple, vae_scale: int = 8) -> int:
+        """Image side in pixels of square pipeline latents of ``shape`` (the released VAEs downsample 8x)."""
+        return int(shape[-1]) * vae_scale
+
+    def from_pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The pipeline's latents as states ``(B, *latent_shape)``."""
+        return latents
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:

@@ -155,6 +155,21 @@ class FluxBackbone(DiffusersBackbone):
         self.denoiser = FluxDenoiser(self.transformer, settings.guidance_scale, settings.coords, 1e-3, t_max,
                                      self.device)
 
+    pipeline_latent_dims = 3  # FluxPipeline's latents are packed 2x2 patches (B, L, 4C)
+
+    def pipeline_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """States as ``FluxPipeline``'s packed latents."""
+        return pack_latents(x)
+
+    @classmethod
+    def latent_pixels(cls, shape: tuple, vae_scale: int = 8) -> int:
+        """Image side of square packed latents ``(B, L, C)``: ``sqrt(L)`` 2x2 patches per side."""
+        return round(int(shape[1]) ** 0.5) * 2 * vae_scale
+
+    def from_pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """``FluxPipeline``'s packed latents as states ``(B, *latent_shape)``."""
+        return unpack_latents(latents, *self.latent_shape[1:])
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_components(cls, transformer, vae=None, text_encoders=(None, None), tokenizers=(None, None),

@@ -31,7 +31,7 @@ from .multistep import ab_combine
 from .nfe import paper_nfe
 
 __all__ = ["sample_epd", "sample_epd_ipndm", "EPDOptions", "require_table", "check_table_grid", "resolve_afs",
-           "table_row", "probe_direction", "epd_points", "stack_points", "unstack_points", "epd_combine", "epd_step"]
+           "table_row", "ab_direction", "probe_direction", "epd_points", "stack_points", "unstack_points", "epd_combine", "epd_step"]
 
 ROW_KEYS = ("positions", "weights", "scale_dir", "scale_time")
 
@@ -175,7 +175,7 @@ def sample_epd(denoiser, x, sigmas, *, cond=None, table=None, callback=None, afs
         return _sample_epd(denoiser, x, sigmas, table=table, cond=cond, callback=callback, opts=opts)
 
 
-def _ab_direction(d: torch.Tensor, history: list, max_order: int) -> tuple[torch.Tensor, list]:
+def ab_direction(d: torch.Tensor, history: list, max_order: int) -> tuple[torch.Tensor, list]:
     """EPD-Plugin's probe direction: Adams-Bashforth over ``d`` and the previous steps' slopes."""
     history = history + [d]
     d = ab_combine(history, max_order)
@@ -194,7 +194,7 @@ def _sample_epd(denoiser, x, sigmas, *, table, cond, callback, opts: EPDOptions)
         s, t = sig(sigmas, n, x), sig(sigmas, n + 1, x)
         d = probe_direction(D, x, s, cond, analytic=opts.afs and n == 0)
         if opts.plugin:
-            d, history = _ab_direction(d, history, opts.max_order)
+            d, history = ab_direction(d, history, opts.max_order)
         row = table_row(table, n, x, B)
         if n == 0 and opts.parallel:
             cond_k = repeat_cond(cond, row["positions"].shape[1])
