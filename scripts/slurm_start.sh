@@ -91,6 +91,18 @@ for _ in $(seq 150); do
   sleep 0.2
 done
 case "$state" in
-  idle*|mixed*|allocated*) echo "SLURM up: node $host ($state), partition cpu, jobcomp $logs/jobcomp.log" ;;
+  idle*|mixed*|allocated*) ;;
   *) echo "slurm_start.sh: node $host is '$state' (see $logs/slurmctld.log and $logs/slurmd.log)"; exit 1 ;;
 esac
+# both daemons listen on the loopback address only (they bind to what $host resolves to: it must be 127.x)
+for port in 6817 6818; do
+  addrs=$(awk -v p="$(printf '%04X' "$port")" '$4 == "0A" { split($2, a, ":"); if (a[2] == p) print a[1] }' \
+    /proc/net/tcp /proc/net/tcp6)
+  for a in $addrs; do
+    [ "${#a}" = 8 ] && [ "${a:6:2}" = 7F ] && continue
+    echo "slurm_start.sh: port $port listens on $a, not 127.x: make $host resolve to 127.0.0.1 (/etc/hosts)"
+    bash "$(dirname "$0")/slurm_stop.sh"; exit 1
+  done
+  [ -n "$addrs" ] || { echo "slurm_start.sh: nothing listens on port $port"; exit 1; }
+done
+echo "SLURM up: node $host ($state), partition cpu, daemons on 127.0.0.1, jobcomp $logs/jobcomp.log"

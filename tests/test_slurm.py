@@ -54,9 +54,10 @@ def slurm():
 
 
 def _project(root: Path) -> Path:
-    """A project folder as a user has it: Snakefile, workflow and configs (no results, no pulled checkpoints)."""
+    """A project folder as a user has it: Snakefile, workflow, configs and the conda file the rules name (no results,
+    no pulled checkpoints)."""
     root.mkdir(parents=True)
-    for item in ("Snakefile", "workflow", "configs"):
+    for item in ("Snakefile", "workflow", "configs", "environment.yml"):
         src = REPO / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, root / item)
     return root
@@ -120,12 +121,12 @@ def _job_stats(out: str) -> dict[str, int]:
 
 
 def _numbers(root: Path) -> dict:
-    """What the report is built from: each row's evaluation summary (timings left out), the report's table, and the
-    distilled and RDPO tables' bytes."""
+    """The report's table, what it is built from (each row's evaluation summary: metric statistics and sampler
+    metadata; its folder names differ), and the distilled and RDPO tables' bytes."""
     out = {"table.md": (root / "reports/digits/table.md").read_text()}
     for p in sorted((root / "results/digits/eval").glob("*/nfe*/summary.json")):
-        out[str(p.relative_to(root))] = {k: v for k, v in json.loads(p.read_text()).items()
-                                         if "sec" not in k and "time" not in k}
+        summary = json.loads(p.read_text())
+        out[str(p.relative_to(root))] = {k: summary[k] for k in ("metrics", "metadata")}
     for p in ("results/digits/distill/nfe5/table.safetensors", "results/digits/rdpo/nfe5/table_best.safetensors"):
         out[p] = (root / p).read_bytes()
     return out
