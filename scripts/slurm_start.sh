@@ -40,6 +40,8 @@ SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# a requeued job may start again after cred_expire seconds (default 120)
+AuthInfo=cred_expire=30
 CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 SlurmctldPort=6817
 SlurmdPort=6818
@@ -59,6 +61,8 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/filetxt
 JobCompLoc=$logs/jobcomp.log
 SchedulerType=sched/backfill
+# schedule every 5 s (default 60/30): the tests wait on short jobs
+SchedulerParameters=bf_interval=5,sched_interval=5
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU_Memory
 MinJobAge=3600
