@@ -173,7 +173,7 @@ def test_rdpo_requeued_mid_run_resumes_to_the_uninterrupted_table(smoke_runs, tm
     script.write_text(
         "#!/bin/bash\n"
         f"echo \"start ${{SLURM_RESTART_COUNT:-0}}\" >> {starts}\n"
-        "trap 'echo batch shell: SIGTERM' TERM  # the shell waits for epd, which handles the signal itself\n"
+        "trap 'echo batch shell: SIGTERM' TERM  # the shell outlives epd (which gets the signal too) to log its exit\n"
         f"{BIN}/epd rdpo --config results/studies/smoke/config.yaml --backbone digits "
         "--init results/digits/distill/nfe5/table.safetensors --weights results/digits/backbone --device cpu "
         f"--out {run}\n"
