@@ -157,6 +157,15 @@ def sample_args(wildcards, input):
     return f"--solver {s} --nfe {n}"
 
 
+def sample_gpus(wildcards, gpus):
+    """`epd sample` over a job's GPUs (a cluster profile's per-rule `gpu` count): an EPD table's K points of each
+    step on different GPUs (point-parallel), a baseline solver's seeds sharded; one GPU or none adds nothing."""
+    if gpus <= 1:
+        return ""
+    mode = "points" if wildcards.solver in TABLE_LABELS or wildcards.solver.startswith("released_") else "seeds"
+    return f"--gpus {gpus} --parallel {mode}"
+
+
 def eval_inputs(wildcards):
     ins = {"samples": f"{RESULTS}/{wildcards.b}/samples/{wildcards.solver}/nfe{wildcards.nfe}/summary.json"}
     if needs_reference(wildcards.b):

@@ -15,6 +15,7 @@ rule sample:
         seeds=lambda wc: sec(wc.b)["sample"]["seeds"],
         batch=lambda wc: sec(wc.b)["sample"]["batch"],
         latents=lambda wc: "--save-latents" if needs_reference(wc.b) else "",
+        gpus=lambda wc, resources: sample_gpus(wc, resources.gpu),
         device=config["run"]["device"],
     log:
         "logs/sample/{b}_{solver}_nfe{nfe}.log",
@@ -29,7 +30,7 @@ rule sample:
     shell:
         "epd sample --config {params.config_file} --backbone {wildcards.b} {params.args} --label {wildcards.solver} "
         "--seeds {params.seeds} --batch {params.batch} {params.latents} {params.weights} --device {params.device} "
-        "--outdir {params.outdir} > {log} 2>&1"
+        "{params.gpus} --outdir {params.outdir} > {log} 2>&1"
 
 
 rule sample_reference:
