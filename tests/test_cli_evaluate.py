@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from _digits_study import tiny_digits_study
 
 from epd.cli import main
-from reliability.harness import TINY_DIGITS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,14 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def sampled(tmp_path_factory):
     """(weights folder, a folder sampled with --grid)."""
-    from epd.backbones.digits.train import DigitsTrainConfig, train
-
-    root = tmp_path_factory.mktemp("grid")
-    train(DigitsTrainConfig.from_dict(TINY_DIGITS), root / "digits", progress=False)
-    cfg = {"run": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"},
-           "backbones": {"d": {"kind": "digits", "guidance": 1.5, "prompts": {"eval": "builtin:digits"},
-                               "solvers": ["euler"], "nfes": [4], "metrics": ["digits_alignment"]}}}
-    (root / "config.yaml").write_text(yaml.safe_dump(cfg))
+    root = tiny_digits_study(tmp_path_factory.mktemp("grid"))
     assert main(["sample", "--config", str(root / "config.yaml"), "--backbone", "d", "--weights", str(root / "digits"),
                  "--solver", "euler", "--nfe", "4", "--seeds", "0-11", "--batch", "6", "--grid",
                  "--out", str(root / "s")]) == 0
