@@ -398,7 +398,8 @@ def run(args):
         else:
             summary = _run_ranks(args, setup, world)
         r.params({"num_points": summary["num_points"]})
-        r.metrics({"nfe": summary["nfe"], "forward_passes": summary["forward_passes"], "seconds": summary["seconds"]})
+        r.metrics({"nfe": summary["nfe"], "forward_passes": summary["forward_passes"], "seconds": summary["seconds"],
+                   **({"seconds_per_image": summary["seconds_per_image"]} if summary.get("seconds_per_image") else {})})
     print(f"{summary['count']} images ({label}, NFE {summary['nfe']}, {summary['forward_passes']} forward passes) "
           f"-> {args.outdir}")
     return 0

@@ -90,3 +90,9 @@ def test_predictor_show_imports_nothing_heavy(tmp_path):
     native = save(load(FIXTURES / "rlepd/best_models/sd15/sd15-best.pkl"), tmp_path / "t")
     for f in (FIXTURES / "rlepd/best_models/sd15/sd15-best.pkl", native):
         assert not _modules_after(["predictor", "show", str(f)]) & set(HEAVY)
+
+
+def test_metrics_list_calls_alignment_a_log_probability(capsys):
+    assert main(["metrics", "list"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("digits_alignment "))
+    assert "log-probability" in line and "classifier probability" not in line
