@@ -71,7 +71,8 @@ def _cost_note(rows: list[Row]) -> str | None:
         return None
     machines = sorted({r.machine or "machine not recorded" for r in timed})
     batches = sorted({int(r.cost_batch) for r in timed if math.isfinite(r.cost_batch)})
-    return (f"s/img: wall-clock seconds per image of the sampling job (loading excluded, writing included), "
+    return (f"s/img: wall-clock seconds per image of the sampling job (sampling and writing; a one-process job "
+            "excludes loading the model), "
             f"measured on {'; '.join(machines)}"
             + (f" at batch {', '.join(map(str, batches))}" if batches else "") + "; rows without it: –.")
 
