@@ -2,7 +2,9 @@
 
 Each command lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int | None``;
 this file only maps command names to modules, so modules are imported lazily (heavy packages such as
-diffusers or open_clip load only for the command that needs them).
+torch, diffusers or open_clip load only for the command that needs them: ``epd --help``, ``epd predictor show``
+and ``epd metrics list`` import none of them). Options a command module leaves without help get the shared
+explanation of that flag from :data:`COMMON_HELP`, so every option's ``--help`` line says what it does.
 """
 
 from __future__ import annotations
@@ -42,8 +44,36 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
 ]
 
 
+DESCRIPTION = ("EPD-Solver pipeline: sample with any solver or EPD table, distil (Stage 1), fine-tune with RDPO "
+               "(Stage 2), evaluate and report. Run `epd COMMAND --help` for a command's options.")
+
+# One explanation per flag shared by several commands, used where a command's own parser gives none.
+COMMON_HELP = {
+    "--config": "the study's workflow config (YAML, e.g. configs/default.yaml or the resolved "
+                "results/studies/<study>/config.yaml); its backbones section names what --backbone picks",
+    "--backbone": "name of a backbone section in --config (e.g. digits)",
+    "--device": "torch device to run on, e.g. cpu, cuda or cuda:1",
+    "--nfe": "the paper's NFE (sequential network evaluations) of the student grid",
+    "--out": "output path (folder or file) this command writes",
+    "--batch": "images per batch",
+    "--seed": "random seed",
+    "--workdir": "keep intermediate files in this folder (default: a temporary folder, deleted afterwards)",
+    "--n-eval": "number of held-out (seed, prompt) pairs each row is evaluated on",
+}
+
+
+def _fill_help(p: argparse.ArgumentParser) -> None:
+    """Give options without help their shared explanation (:data:`COMMON_HELP`)."""
+    for a in p._actions:
+        if not a.help:
+            a.help = next((COMMON_HELP[o] for o in a.option_strings if o in COMMON_HELP), None)
+        if a.help and a.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in a.help \
+                and "default" not in a.help:
+            a.help += " (default: %(default)s)"
+
+
 def _build_parser() -> tuple[argparse.ArgumentParser, dict]:
-    parser = argparse.ArgumentParser(prog="epd", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="epd", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="_cmd", metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
@@ -74,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[: len(words)] == list(words) or (len(argv) > len(words) and argv[1: len(words) + 1] == list(words)):
             mod = importlib.import_module(module)
             mod.add_arguments(p)
+            _fill_help(p)
             break
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

@@ -32,7 +32,7 @@ from .errors import ConfigError, EPDError, NonFiniteError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["add_arguments", "run", "evaluate", "log_mlflow"]
+__all__ = ["add_arguments", "run", "evaluate", "log_mlflow", "sampling_cost"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -112,33 +112,68 @@ def evaluate(images, metrics, prompts_file=None, out_dir=None, weights_dir=None,
     """
     from .io import read_prompts
     from .metrics.imagedir import check_prompts, pair_samples
-    from .rewards import list_scorers, resolve_weights, scorer_kind
+    from .rewards import resolve_weights
 
     images = Path(images)
+    names, want_rmse = _check_args(metrics, weights_dir, batch_size, fid_ref, reference_latents)
+    out = Path(out_dir) if out_dir else images.parent / f"{images.name}_eval"
+    if out.resolve() == images.resolve():
+        raise ConfigError("--out (alias --out-dir) must differ from --images (result JSONs would mix with sidecars)")
+    samples = pair_samples(images)
+    per_prompt = check_prompts(samples, read_prompts(prompts_file), str(prompts_file)) if prompts_file else None
+    resolve_weights(names, weights_dir)  # every missing file listed before anything is loaded
+    _decode_all(samples)
+    results, columns, descriptions = _score_all(names, samples, weights_dir, device, batch_size, fid_ref,
+                                                images if want_rmse else None, reference_latents)
+    label = label or images.name
+    meta_common = {k: _uniform(samples, k) for k in ("backbone", "solver", "nfe", "nfe_sequential", "forward_passes",
+                                                     "steps", "num_points", "num_steps", "snapshot")}
+    meta_common = {k: v for k, v in meta_common.items() if v is not None}
+    prompts_path = str(Path(prompts_file).resolve()) if prompts_file else None
+    common = {"images_dir": str(images.resolve()), "prompts_file": prompts_path, "label": label}
+    files = {f"{name}.json": _result_file(common, name, r, descriptions[name], fid_ref, {
+        "duration": r["duration"], "num_images": len(samples), "batch_size": batch_size, "device": str(device),
+        "weights": r["weights"], "label": label, "images_per_prompt": per_prompt, **meta_common})
+        for name, r in results.items()}
+    summary = {**common, "num_images": len(samples), "metrics": {n: r["stats"] for n, r in results.items()},
+               "metadata": {"device": str(device), "batch_size": batch_size, **meta_common}}
+    _write_outputs(out, samples, columns, files, summary)
+    log_mlflow(summary, {"images_dir": str(images), "label": label, "num_images": len(samples)},
+               tags={**meta_common, "backbone": backbone or meta_common.get("backbone", ""),
+                     "images_dir": str(images.resolve()), "scores_csv": str((out / "scores.csv").resolve()),
+                     **({"steps": meta_common["num_points"] - 1} if "num_points" in meta_common else {}),
+                     **sampling_cost(images)})
+    log.info("wrote %s", out)
+    return summary
+
+
+def _check_args(metrics, weights_dir, batch_size, fid_ref, reference_latents) -> tuple[list[str], bool]:
+    """The registered metric names to run and whether ``rmse_vs_teacher`` is asked for; every flag checked."""
+    from .rewards import required_folder, scorer_kind
+
     raw = [n.strip() for item in ([metrics] if isinstance(metrics, str) else metrics) for n in item.split(",")]
     want_rmse = "rmse_vs_teacher" in raw
     names = _metric_names([n for n in raw if n and n != "rmse_vs_teacher"]) if len(raw) > int(want_rmse) else []
     if want_rmse and not reference_latents:
-        raise ConfigError("rmse_vs_teacher needs --reference-latents (latents.safetensors of a reference solve)")
+        raise ConfigError("--reference-latents: rmse_vs_teacher needs latents.safetensors of a reference solve")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    need_folder = [n for n in names if required_folder(n)]
+    if need_folder and weights_dir is None:
+        raise ConfigError(f"--weights-dir: {', '.join(need_folder)} need {required_folder(need_folder[0])}; "
+                          "pass --weights-dir DIR")
     set_metrics = [n for n in names if scorer_kind(n) == "set"]
     if set_metrics and not fid_ref and set_metrics != ["digits_fd"]:
         raise ConfigError(f"--fid-ref is required for {set_metrics} (a reference image folder or statistics .npz)")
     if fid_ref and not (Path(fid_ref).is_dir() or (Path(fid_ref).is_file() and str(fid_ref).endswith(".npz"))):
         raise ConfigError(f"--fid-ref {fid_ref}: not an image folder or an existing .npz statistics file")
-    out = Path(out_dir) if out_dir else images.parent / f"{images.name}_eval"
-    if out.resolve() == images.resolve():
-        raise ConfigError("--out-dir must differ from --images (result JSONs would mix with sidecars)")
+    return names, want_rmse
 
-    samples = pair_samples(images)
-    prompts = None
-    per_prompt = None
-    if prompts_file:
-        prompts = read_prompts(prompts_file)
-        per_prompt = check_prompts(samples, prompts, str(prompts_file))
-    weights = resolve_weights(names, weights_dir)  # every missing file listed before anything is loaded
-    _decode_all(samples)
+
+def _score_all(names, samples, weights_dir, device, batch_size, fid_ref, rmse_images, reference_latents):
+    """Run the metrics one at a time: ``(results, per-image score columns, descriptions)``; ``rmse_vs_teacher``
+    last when ``rmse_images`` is given."""
+    from .rewards import list_scorers
 
     descriptions = dict(list_scorers())
     results, columns = {}, {}
@@ -146,38 +181,31 @@ def evaluate(images, metrics, prompts_file=None, out_dir=None, weights_dir=None,
         results[name] = _run_metric(name, samples, weights_dir, device, batch_size, fid_ref)
         if "scores" in results[name]:
             columns[name] = results[name].pop("scores")
-    if want_rmse:
-        results["rmse_vs_teacher"] = _rmse_vs_reference(images, samples, reference_latents)
+    if rmse_images is not None:
+        results["rmse_vs_teacher"] = _rmse_vs_reference(rmse_images, samples, reference_latents)
         columns["rmse_vs_teacher"] = results["rmse_vs_teacher"].pop("scores")
         descriptions["rmse_vs_teacher"] = "final-state RMSE against a reference solve from the same noise"
+    return results, columns, descriptions
 
-    label = label or images.name
-    meta_common = {k: _uniform(samples, k) for k in ("backbone", "solver", "nfe", "nfe_sequential", "forward_passes",
-                                                     "steps", "num_points", "num_steps", "snapshot")}
-    meta_common = {k: v for k, v in meta_common.items() if v is not None}
-    files = {}
-    for name, r in results.items():
-        md = {"duration": r["duration"], "num_images": len(samples), "batch_size": batch_size, "device": str(device),
-              "weights": r["weights"], "label": label, "images_per_prompt": per_prompt, **meta_common}
-        obj = {"images_dir": str(images.resolve()), "pattern": "**/*.{png,jpg,jpeg,webp,bmp} (hidden skipped)",
-               "prompts_file": str(Path(prompts_file).resolve()) if prompts_file else None,
-               "metric": name, "description": descriptions[name], "label": label, "stats": r["stats"],
-               "metadata": md}
-        if "fid" in r:
-            obj.update(fid=r["fid"], reference=r.get("reference") or str(Path(fid_ref).resolve()),
-                       protocol=r["protocol"])
-        files[f"{name}.json"] = obj
-    summary = {"images_dir": str(images.resolve()),
-               "prompts_file": str(Path(prompts_file).resolve()) if prompts_file else None,
-               "label": label, "num_images": len(samples), "metrics": {n: r["stats"] for n, r in results.items()},
-               "metadata": {"device": str(device), "batch_size": batch_size, **meta_common}}
-    _write_outputs(out, samples, columns, files, summary)
-    log_mlflow(summary, {"images_dir": str(images), "label": label, "num_images": len(samples)},
-               tags={**meta_common, "backbone": backbone or meta_common.get("backbone", ""),
-                     "images_dir": str(images.resolve()), "scores_csv": str((out / "scores.csv").resolve()),
-                     **({"steps": meta_common["num_points"] - 1} if "num_points" in meta_common else {})})
-    log.info("wrote %s", out)
-    return summary
+
+def _result_file(common: dict, name: str, r: dict, description: str, fid_ref, metadata: dict) -> dict:
+    """``<metric>.json`` in the original result schema (+ ``se``)."""
+    obj = {"images_dir": common["images_dir"], "pattern": "**/*.{png,jpg,jpeg,webp,bmp} (hidden skipped)",
+           "prompts_file": common["prompts_file"], "metric": name, "description": description,
+           "label": common["label"], "stats": r["stats"], "metadata": metadata}
+    if "fid" in r:
+        obj.update(fid=r["fid"], reference=r.get("reference") or str(Path(fid_ref).resolve()), protocol=r["protocol"])
+    return obj
+
+
+def sampling_cost(images: Path) -> dict:
+    """``seconds_per_image``, ``cost_batch`` and ``machine`` recorded by ``epd sample`` in the folder's
+    ``summary.json`` (empty when it recorded none)."""
+    from .io import read_json
+
+    path = Path(images) / "summary.json"
+    doc = read_json(path) if path.is_file() else {}
+    return {k: doc[k] for k in ("seconds_per_image", "cost_batch", "machine") if doc.get(k) is not None}
 
 
 def _batches(paths, batch_size):
@@ -241,7 +269,7 @@ def _run_metric(name, samples, weights_dir, device, batch_size, fid_ref) -> dict
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     res["duration"] = time.time() - t0
-    log.info("%s: %s", name, res["stats"])
+    log.debug("%s: %s", name, res["stats"])  # `epd evaluate` prints each result once, at the end
     return res
 
 
@@ -329,5 +357,5 @@ def run(args) -> int:
                        args.batch_size, args.fid_ref, args.label, args.reference_latents, args.backbone)
     for name, st in summary["metrics"].items():
         se = f" ± {st['se']:.4g}" if st.get("se") is not None else ""
-        print(f"{name}: {st['mean']:.4f}{se} (n={st['count']})")
+        print(f"{name}: {st['mean']:.6g}{se} (n={st['count']})")
     return 0

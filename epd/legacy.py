@@ -16,6 +16,10 @@ replacement:
   sampler functions (``solvers.*_sampler``, referenced by ICCV ``EPD_loss`` objects) become inert stubs.
 
 Anything else raises :class:`~epd.errors.EPDError` naming the file and the refused global.
+
+Parsing yields numpy arrays and imports no torch, so ``epd predictor show`` starts fast (:func:`describe_legacy`
+decodes for display with numpy); :func:`decode_predictor` turns the same arrays into the torch
+:class:`~epd.table.EPDTable` the samplers use.
 """
 
 from __future__ import annotations
@@ -31,12 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from .errors import ConfigError, EPDError
-from .table import EPDTable
 
-__all__ = ["load_legacy_pickle", "read_legacy_pickle", "decode_predictor", "BACKEND_TO_BACKBONE",
+__all__ = ["load_legacy_pickle", "read_legacy_pickle", "decode_predictor", "describe_legacy", "BACKEND_TO_BACKBONE",
            "backend_defaults", "MAX_FILE_BYTES"]
 
 MAX_FILE_BYTES = 256 << 20  # the largest original predictor is ~113 KB
@@ -59,11 +61,11 @@ class _Refused(EPDError):
 
 
 class _Storage:
-    """A parsed float32 storage (1-D tensor)."""
+    """A parsed float32 storage (1-D array)."""
 
     __slots__ = ("data", "location")
 
-    def __init__(self, data: torch.Tensor, location: str):
+    def __init__(self, data: np.ndarray, location: str):
         self.data, self.location = data, location
 
     def __setstate__(self, state):
@@ -71,11 +73,12 @@ class _Storage:
 
 
 class _RawTensor:
-    """A tensor rebuilt from a storage; a wrapper so the pickle cannot call ``torch.Tensor.__setstate__``."""
+    """A tensor rebuilt from a storage (as a float32 numpy array); a wrapper so the pickle cannot call
+    ``torch.Tensor.__setstate__``."""
 
     __slots__ = ("tensor", "is_parameter")
 
-    def __init__(self, tensor: torch.Tensor, is_parameter: bool = False):
+    def __init__(self, tensor: np.ndarray, is_parameter: bool = False):
         self.tensor, self.is_parameter = tensor, is_parameter
 
     def __setstate__(self, state):
@@ -177,7 +180,7 @@ def _parse_storage_bytes(blob, where: str) -> _Storage:
         raise _Refused(f"{where}: storage declares {numel} float32 elements (count field {count}) but carries "
                        f"{remaining} data bytes; refusing (limit {MAX_ELEMENTS} elements)")
     data = np.frombuffer(f.read(remaining), dtype="<f4").astype(np.float32)
-    return _Storage(torch.from_numpy(data), location)
+    return _Storage(data, location)
 
 
 # ---------------------------------------------------------------------- outer unpickler
@@ -225,7 +228,7 @@ class _PredictorUnpickler(pickle.Unpickler):
         if type(offset) is not int or offset < 0 or not _is_int_tuple(size) or not _is_int_tuple(stride) \
                 or len(size) != len(stride) or len(size) > 8:
             raise _Refused(f"{self.where}: malformed tensor geometry offset={offset!r} size={size!r} stride={stride!r}")
-        n = storage.data.numel()
+        n = storage.data.size
         numel = math.prod(size)
         last = offset + sum((s - 1) * st for s, st in zip(size, stride)) if numel else offset - 1
         if numel > MAX_ELEMENTS or last >= n:
@@ -233,7 +236,9 @@ class _PredictorUnpickler(pickle.Unpickler):
                            f"{last} of a storage holding {n}; refusing")
         if hooks or metadata:
             raise _Refused(f"{self.where}: tensors with backward hooks or metadata are not allowed")
-        return _RawTensor(torch.as_strided(storage.data, size, stride, offset).clone())
+        view = np.lib.stride_tricks.as_strided(storage.data[offset:], shape=size,
+                                               strides=tuple(4 * st for st in stride), writeable=False)
+        return _RawTensor(np.array(view, dtype=np.float32))
 
     def _rebuild_parameter(self, data, requires_grad=False, hooks=None):
         if not isinstance(data, _RawTensor) or hooks:
@@ -288,9 +293,9 @@ def backend_defaults(backend: str | None, resolution: int | None = None) -> dict
     """
     if backend == "ldm":
         # SD1.5 scaled-linear betas (0.00085 -> 0.012, 1000 steps): sigma(t=1e-3) and sigma(t=1).
-        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-        abar = torch.cumprod(1 - betas, 0)
-        s = ((1 - abar) / abar).sqrt()
+        betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+        abar = np.cumprod(1 - betas)
+        s = np.sqrt((1 - abar) / abar)
         return {"sigma_min": float(s[0]), "sigma_max": float(s[-1]), "flowmatch_mu": None, "flowmatch_shift": None}
     if backend == "sd3":  # static shift 3: sigma_min = 3 * 1e-3 / (1 + 2 * 1e-3)
         return {"sigma_min": 3 * 1e-3 / (1 + 2 * 1e-3), "sigma_max": 1.0, "flowmatch_mu": None, "flowmatch_shift": 3.0}
@@ -304,22 +309,30 @@ def backend_defaults(backend: str | None, resolution: int | None = None) -> dict
     return {"sigma_min": 0.002, "sigma_max": 80.0, "flowmatch_mu": None, "flowmatch_shift": None}
 
 
-def _raw(params: dict, name: str, where: str) -> torch.Tensor | None:
+def _raw(params: dict, name: str, where: str) -> np.ndarray | None:
     v = params.get(name)
     if v is None:
         return None
-    if not isinstance(v, _RawTensor) or v.tensor.dim() != 2:
+    if not isinstance(v, _RawTensor) or v.tensor.ndim != 2:
         raise EPDError(f"{where}: parameter {name} is not a 2-D tensor")
-    if not torch.isfinite(v.tensor).all():
+    if not np.isfinite(v.tensor).all():
         raise EPDError(f"{where}: parameter {name} contains NaN or inf")
     return v.tensor
 
 
-def _scale(raw: torch.Tensor | None, s: float) -> torch.Tensor | None:
+def _sigmoid(x):
+    if isinstance(x, np.ndarray):
+        return 1.0 / (1.0 + np.exp(-x))
+    import torch
+
+    return torch.sigmoid(x)
+
+
+def _scale(raw, s: float):
     """``c = (1 - s) + 2 s sigmoid(p / 2)`` when the range ``s > 0`` (spec §3.1); None (all ones) otherwise."""
     if raw is None or not s > 0:
         return None
-    return (1 - s) + 2 * s * torch.sigmoid(0.5 * raw.double())
+    return (1 - s) + 2 * s * _sigmoid(0.5 * raw)
 
 
 def _lookup(field: str, state: dict, init_kwargs: dict, backend_config: dict, extra: dict, defaults: dict):
@@ -338,7 +351,7 @@ def _jsonable(v):
     if isinstance(v, dict):
         return {str(k): _jsonable(x) for k, x in v.items()}
     if isinstance(v, _RawTensor):
-        return v.tensor.tolist() if v.tensor.numel() <= 64 else f"<tensor {tuple(v.tensor.shape)}>"
+        return v.tensor.tolist() if v.tensor.size <= 64 else f"<tensor {tuple(v.tensor.shape)}>"
     return repr(v)
 
 
@@ -357,7 +370,7 @@ def _loss_fn_info(meta: Any, where: str) -> dict:
             info[k] = st[k].qualname
     t = st.get("t_steps")
     if isinstance(t, _RawTensor):
-        if t.tensor.dim() != 1:
+        if t.tensor.ndim != 1:
             raise EPDError(f"{where}: loss_fn t_steps has shape {tuple(t.tensor.shape)}, expected 1-D")
         info["t_steps"] = t.tensor.tolist()
     return info
@@ -367,7 +380,7 @@ def _sha1(src) -> str | None:
     return hashlib.sha1(src.encode()).hexdigest() if isinstance(src, str) else None
 
 
-def decode_predictor(obj: dict, source: str = "<memory>") -> EPDTable:
+def decode_predictor(obj: dict, source: str = "<memory>"):
     """Turn the raw object tree of :func:`read_legacy_pickle` into an :class:`~epd.table.EPDTable`.
 
     Positions ``sigmoid(r_params)``, weights ``softmax(weight_s)``, scales ``(1 - s) + 2 s sigmoid(p / 2)`` only
@@ -376,30 +389,57 @@ def decode_predictor(obj: dict, source: str = "<memory>") -> EPDTable:
     Metadata is looked up attribute -> ``_init_kwargs`` -> ``backend_config`` -> ``loss_fn`` -> backend default;
     ``provenance["meta_sources"]`` says where each sigma/flow field came from.
     """
+    import torch
+
+    from .table import EPDTable
+
+    raw, meta, provenance = _decode_parts(obj, source)
+    rows = _decode_rows({n: None if a is None else torch.from_numpy(a).double() for n, a in raw.items()}, meta)
+    try:
+        return EPDTable(*rows[:4], meta=meta, provenance=_with_reordered(provenance, rows[4]))
+    except ConfigError as e:
+        raise EPDError(f"predictor pickle {source}: {e}") from None
+
+
+def describe_legacy(path: str | Path) -> tuple[dict, dict, dict[str, np.ndarray]]:
+    """``(meta, provenance, arrays)`` of an original ``.pkl`` without torch, for display (``epd predictor show``).
+
+    The arrays (``positions``, ``weights`` and the scales present) are decoded with numpy: the same formulas as
+    :func:`decode_predictor`, equal to its float64 values up to the last bits (the samplers use the latter).
+    """
+    raw, meta, provenance = _decode_parts(read_legacy_pickle(path), str(path))
+    rows = _decode_rows({n: None if a is None else a.astype(np.float64) for n, a in raw.items()}, meta)
+    arrays = {k: v for k, v in zip(("positions", "weights", "scale_dir", "scale_time"), rows[:4]) if v is not None}
+    meta = {**meta, "num_steps": raw["r_params"].shape[0] + 1, "num_points": raw["r_params"].shape[1]}
+    return meta, _with_reordered(provenance, rows[4]), arrays
+
+
+def _decode_parts(obj: dict, source: str) -> tuple[dict, dict, dict]:
+    """The raw parameter arrays, the metadata and the provenance (less the reordered rows) of a predictor."""
     where = f"predictor pickle {source}"
     model, raw = _predictor_parameters(obj, where)
     attrs, init_kwargs, backend_config = _predictor_settings(model["state"], tuple(raw["r_params"].shape), where)
     loss_info = _loss_fn_info(obj["loss_fn"], where) if "loss_fn" in obj else None
     backend, sources = _backend(attrs, init_kwargs, where)
     meta = _decode_meta(attrs, init_kwargs, backend_config, loss_info, backend, sources)
-    positions, weights, scale_dir, scale_time, order_changed = _decode_rows(raw, meta)
     provenance = {
         "source": str(source), "format": "legacy-pkl",
         "layout": "model+loss_fn" if loss_info else "model",
         "generation": "backend" if "backend" in attrs else "pre-backend",
         "module_src_sha1": _sha1(model.get("module_src")),
         "raw": {n: t.tolist() for n, t in raw.items() if t is not None},
-        "reordered_rows": order_changed.nonzero().flatten().tolist(),
+        "reordered_rows": None,
         "meta_sources": sources,
     }
     if loss_info:
         provenance["loss_fn"] = loss_info
         if "t_steps" in loss_info:
             provenance["reference_t_steps"] = loss_info["t_steps"]
-    try:
-        return EPDTable(positions, weights, scale_dir, scale_time, meta=meta, provenance=provenance)
-    except ConfigError as e:
-        raise EPDError(f"{where}: {e}") from None
+    return raw, meta, provenance
+
+
+def _with_reordered(provenance: dict, order_changed) -> dict:
+    return {**provenance, "reordered_rows": [int(i) for i in np.flatnonzero(np.asarray(order_changed))]}
 
 
 def _predictor_parameters(obj: dict, where: str) -> tuple[dict, dict]:
@@ -467,21 +507,33 @@ def _decode_meta(attrs: dict, init_kwargs: dict, backend_config: dict, loss_info
 
 
 def _decode_rows(raw: dict, meta: dict):
-    """Positions, weights and scales from the raw parameters, rows sorted by position; plus which rows moved."""
+    """Positions, weights and scales from the raw float64 parameters (torch tensors, or numpy arrays for display),
+    rows sorted by position; plus which rows moved."""
     s_dir = float(meta.get("scale_dir") or 0.0)
     s_time = float(meta.get("scale_time") or 0.0)
-    positions = torch.sigmoid(raw["r_params"].double())
-    weights = torch.softmax(raw["weight_s"].double(), dim=1)
+    positions = _sigmoid(raw["r_params"])
+    if isinstance(positions, np.ndarray):
+        e = np.exp(raw["weight_s"] - raw["weight_s"].max(1, keepdims=True))
+        weights = e / e.sum(1, keepdims=True)
+    else:
+        import torch
+
+        weights = torch.softmax(raw["weight_s"], dim=1)
     scale_dir = _scale(raw["scale_dir_params"], s_dir)
     scale_time = _scale(raw["scale_time_params"], s_time)
     if scale_dir is not None and meta.get("fcn"):
         scale_dir[-1] = 1.0
-    order_changed = (torch.argsort(positions, dim=1) != torch.arange(positions.shape[1])).any(1)
-    positions, weights, scale_dir, scale_time, _ = EPDTable.sort_rows(positions, weights, scale_dir, scale_time)
-    return positions, weights, scale_dir, scale_time, order_changed
+    order = positions.argsort(1) if isinstance(positions, np.ndarray) else positions.argsort(dim=1)
+    order_changed = (np.asarray(order) != np.arange(positions.shape[1])).any(1)
+    if isinstance(positions, np.ndarray):
+        g = lambda t: None if t is None else np.take_along_axis(t, order, 1)  # noqa: E731
+        return g(positions), g(weights), g(scale_dir), g(scale_time), order_changed
+    from .table import EPDTable
+
+    return (*EPDTable.sort_rows(positions, weights, scale_dir, scale_time)[:4], order_changed)
 
 
-def load_legacy_pickle(path: str | Path) -> EPDTable:
+def load_legacy_pickle(path: str | Path):
     """Load an original EPD predictor snapshot (``network-snapshot-*.pkl``) safely.
 
     Args:

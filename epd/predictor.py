@@ -1,7 +1,9 @@
 """Native EPD table files: ``<stem>.safetensors`` (tensors) + ``<stem>.json`` (metadata, config hash, provenance).
 
 :func:`load` also reads the original system's ``.pkl`` snapshots, through :mod:`epd.legacy` (allow-list
-unpickler). The table itself is :class:`epd.table.EPDTable`.
+unpickler). The table itself is :class:`epd.table.EPDTable`. A folder stands for the one snapshot in it (any
+``*.safetensors`` or ``*.pkl`` name); with several, the error lists them and asks for one.
+:func:`describe` reads a snapshot's metadata and values without importing torch (``epd predictor show``).
 """
 
 from __future__ import annotations
@@ -11,10 +13,8 @@ from pathlib import Path
 
 from .errors import ConfigError, EPDError
 from .io import atomic_path, atomic_write_json, config_hash, sha256_file
-from .legacy import load_legacy_pickle
-from .table import EPDTable
 
-__all__ = ["load", "save", "FORMAT_VERSION"]
+__all__ = ["load", "save", "describe", "resolve_snapshot", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 
@@ -24,7 +24,7 @@ def _stem(path: Path) -> Path:
     return path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
 
 
-def save(table: EPDTable, path: str | Path) -> Path:
+def save(table, path: str | Path) -> Path:
     """Write ``<stem>.safetensors`` and ``<stem>.json`` atomically; returns the ``.safetensors`` path."""
     from safetensors.torch import save_file
 
@@ -41,9 +41,10 @@ def save(table: EPDTable, path: str | Path) -> Path:
     return st
 
 
-def _load_native(path: Path) -> EPDTable:
+def _read_native(path: Path, load_file) -> tuple[dict, dict]:
+    """The checked ``(json document, tensors)`` of a native snapshot; ``load_file`` is safetensors' torch or numpy
+    reader."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     stem = _stem(path)
     st, js = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
@@ -76,21 +77,68 @@ def _load_native(path: Path) -> EPDTable:
     missing = {"positions", "weights"} - tensors.keys()
     if missing:
         raise EPDError(f"snapshot {st}: missing tensors {sorted(missing)}")
+    return doc, tensors
+
+
+def _load_native(path: Path):
+    from safetensors.torch import load_file
+
+    from .table import EPDTable
+
+    doc, tensors = _read_native(path, load_file)
     try:
         return EPDTable(tensors["positions"], tensors["weights"], tensors.get("scale_dir"),
                         tensors.get("scale_time"), meta=doc.get("meta", {}), provenance=doc.get("provenance", {}))
     except ConfigError as e:
-        raise EPDError(f"snapshot {st}: {e}") from None
+        raise EPDError(f"snapshot {_stem(path).with_suffix('.safetensors')}: {e}") from None
 
 
-def load(path: str | Path) -> EPDTable:
-    """Load a snapshot: native (``.safetensors``/``.json``) or the original's ``.pkl`` (allow-list unpickler)."""
+_SNAPSHOT_SUFFIXES = (".safetensors", ".pkl")
+
+
+def resolve_snapshot(path: str | Path) -> Path:
+    """``path`` itself, or for a folder the one snapshot in it (any ``*.safetensors`` or ``*.pkl`` name).
+
+    Raises:
+        EPDError: a folder without a snapshot; ConfigError: a folder with several (all listed, asking for one).
+    """
     path = Path(path)
+    if not path.is_dir():
+        return path
+    cands = sorted(p for p in path.iterdir() if p.suffix in _SNAPSHOT_SUFFIXES and not p.name.startswith("."))
+    if not cands:
+        raise EPDError(f"snapshot folder {path}: contains no .safetensors or .pkl file; pass the snapshot file")
+    if len(cands) > 1:
+        raise ConfigError(f"snapshot folder {path}: holds {len(cands)} snapshots, pass one of them:\n  "
+                          + "\n  ".join(str(c) for c in cands))
+    return cands[0]
+
+
+def load(path: str | Path):
+    """Load a snapshot (:class:`~epd.table.EPDTable`): native (``.safetensors``/``.json``), the original's ``.pkl``
+    (allow-list unpickler), or a folder holding exactly one of them."""
+    path = resolve_snapshot(path)
     if path.suffix == ".pkl":
+        from .legacy import load_legacy_pickle
+
         return load_legacy_pickle(path)
-    if path.is_dir():
-        cands = sorted(path.glob("*.safetensors")) or sorted(path.glob("network-snapshot-*.pkl"))
-        if not cands:
-            raise EPDError(f"snapshot directory {path}: contains no .safetensors or network-snapshot-*.pkl")
-        return load(cands[-1])
     return _load_native(path)
+
+
+def describe(path: str | Path) -> tuple[dict, dict, dict]:
+    """``(meta, provenance, arrays)`` of a snapshot without importing torch (numpy arrays), for display.
+
+    Args:
+        path: as for :func:`load`.
+    """
+    path = resolve_snapshot(path)
+    if path.suffix == ".pkl":
+        from .legacy import describe_legacy
+
+        return describe_legacy(path)
+    from safetensors.numpy import load_file
+
+    doc, arrays = _read_native(path, load_file)
+    meta = {**doc.get("meta", {}), "num_steps": arrays["positions"].shape[0] + 1,
+            "num_points": arrays["positions"].shape[-1]}
+    return meta, doc.get("provenance", {}), arrays

@@ -10,6 +10,7 @@ resumes; every file is written under a temporary name first.
 from __future__ import annotations
 
 import logging
+import platform
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from .table import check_compatible
 
 log = logging.getLogger(__name__)
 
-__all__ = ["make_denoiser", "sample_batch", "sample_to_dir", "save_png"]
+__all__ = ["make_denoiser", "sample_batch", "sample_to_dir", "save_png", "machine_label"]
 
 
 def save_png(img: torch.Tensor, path: Path) -> None:
@@ -85,27 +86,61 @@ def sample_to_dir(backbone, *, solver: str, seeds: list[int], prompts: list[str]
                   denoiser=None, write: bool = True, barrier=None, started: float | None = None) -> dict:
     """Sample every seed into ``outdir`` (resuming), write sidecars and a ``summary.json``; returns the summary.
 
+    The summary records the cost: ``seconds`` (wall clock of this call), ``seconds_per_image`` (that time over the
+    images this call sampled, at this ``batch``) and ``machine`` (the device it ran on); a call that only resumed
+    keeps the recorded cost of the call that sampled.
+
     Args:
         prompts: one prompt per seed, or a list cycled over the seeds.
         denoiser: replaces ``backbone.denoiser`` (see :func:`make_denoiser`).
         write (`bool`): ``False`` computes without writing (the non-zero ranks of point-parallel sampling, which
             must run the same loop as rank 0).
         barrier: called once every rank has decided which seeds to skip, before anything is written.
-        started (`float`, *optional*): wall-clock start for ``seconds`` in the summary (default: now).
+        started (`float`, *optional*): wall-clock start for ``seconds`` in the summary (default: now); given, the
+            whole of ``seeds`` counts as sampled since then (the final pass of a multi-rank run).
     """
     if batch < 1:
         raise ConfigError(f"--batch: must be >= 1, got {batch}")
     outdir = Path(outdir)
     if write:
         outdir.mkdir(parents=True, exist_ok=True)
-    paired = pair(prompts, seeds)
     label = label or solver
     info = {"solver": label, "base_solver": solver, "num_points": len(sigmas), "sigmas": sigmas.tolist(),
             "grid_hash": config_hash([round(float(v), 12) for v in sigmas.tolist()]), "backbone": backbone.name,
             **({"table_hash": _table_hash(table)} if table is not None else {}), **(extra or {})}
-    latents = {}
     t0 = time.time() if started is None else started
-    nfe = fwd = paper = None
+    todo, counts = _pending(outdir, seeds, pair(prompts, seeds), info, subdirs, save_latents)
+    if barrier is not None:
+        barrier()
+    latents = {}
+    for start in tqdm(range(0, len(todo), batch), desc=f"sample {label}", unit="batch", disable=not todo):
+        chunk = todo[start:start + batch]
+        x, imgs, out = sample_batch(backbone, solver, [c[0] for c in chunk], [c[1] for c in chunk], sigmas, table,
+                                    denoiser=denoiser)
+        if imgs.dim() != 4 or imgs.shape[1] != 3:
+            raise EPDError(f"backbone {backbone.name}: decodes to shape {tuple(imgs.shape)}, not RGB images "
+                           "(B, 3, H, W); `epd sample` writes images, use `epd teacher` or the library for this one")
+        counts = {"nfe": out.paper_nfe, "nfe_sequential": out.nfe, "forward_passes": out.forward_passes}
+        if write:
+            _write_batch(outdir, chunk, imgs, x, counts, info, subdirs, latents if save_latents else None)
+    if not write:
+        return {"count": len(todo), **counts}
+    if save_latents and latents:
+        _write_latents(outdir / "latents.safetensors", latents)
+    if grid:
+        _write_grid(outdir, seeds[:64], subdirs)
+    seconds = round(time.time() - t0, 2)
+    summary = {**info, "seeds": f"{seeds[0]}-{seeds[-1]}", "count": len(seeds), **counts, "seconds": seconds,
+               **_cost(outdir, seconds, len(todo) if started is None else len(seeds), batch, backbone)}
+    atomic_write_json(outdir / "summary.json", summary)
+    return summary
+
+
+def _pending(outdir: Path, seeds: list[int], paired: list[str], info: dict, subdirs: bool,
+             save_latents: bool) -> tuple[list[tuple[int, str]], dict]:
+    """The (seed, prompt) pairs still to sample, and the NFE counts recorded by the images already there (each
+    checked to come from the same settings)."""
+    counts = {"nfe": None, "nfe_sequential": None, "forward_passes": None}
     todo = []
     for s, p in zip(seeds, paired):
         png = _png_path(outdir, s, subdirs)
@@ -113,43 +148,55 @@ def sample_to_dir(backbone, *, solver: str, seeds: list[int], prompts: list[str]
         if png.exists() and side.exists() and not save_latents:
             meta = read_json(side)
             _check_same_run(side, meta, {**info, "seed": s, "prompt": p})
-            nfe, fwd, paper = meta["nfe_sequential"], meta["forward_passes"], meta["nfe"]
+            counts = {k: meta[k] for k in counts}
             continue
         todo.append((s, p))
-    if barrier is not None:
-        barrier()
-    for start in tqdm(range(0, len(todo), batch), desc=f"sample {label}", unit="batch", disable=not todo):
-        chunk = todo[start:start + batch]
-        s_list, p_list = [c[0] for c in chunk], [c[1] for c in chunk]
-        x, imgs, out = sample_batch(backbone, solver, s_list, p_list, sigmas, table, denoiser=denoiser)
-        if imgs.dim() != 4 or imgs.shape[1] != 3:
-            raise EPDError(f"backbone {backbone.name}: decodes to shape {tuple(imgs.shape)}, not RGB images "
-                           "(B, 3, H, W); `epd sample` writes images, use `epd teacher` or the library for this one")
-        nfe, fwd, paper = out.nfe, out.forward_passes, out.paper_nfe
-        if not write:
-            continue
-        for i, (s, p) in enumerate(chunk):
-            png = _png_path(outdir, s, subdirs)
-            save_png(imgs[i], png)
-            atomic_write_json(png.with_suffix(".json"), {
-                "seed": s, "prompt": p, "solver": label, "nfe": paper, "nfe_sequential": nfe,
-                "forward_passes": fwd, "image": png.name, **{k: v for k, v in info.items() if k != "sigmas"}})
-            if save_latents:
-                latents[s] = x[i].float().cpu()
-    if not write:
-        return {"count": len(todo), "nfe": paper, "nfe_sequential": nfe, "forward_passes": fwd}
-    if save_latents and latents:
-        from safetensors.torch import save_file
+    return todo, counts
 
-        with atomic_path(outdir / "latents.safetensors", suffix=".safetensors") as tmp:
-            order = sorted(latents)
-            save_file({"seeds": torch.tensor(order), "latents": torch.stack([latents[s] for s in order])}, str(tmp))
-    if grid:
-        _write_grid(outdir, seeds[:64], subdirs)
-    summary = {**info, "seeds": f"{seeds[0]}-{seeds[-1]}", "count": len(seeds), "nfe": paper,
-               "nfe_sequential": nfe, "forward_passes": fwd, "seconds": round(time.time() - t0, 2)}
-    atomic_write_json(outdir / "summary.json", summary)
-    return summary
+
+def _write_batch(outdir: Path, chunk: list, imgs: torch.Tensor, x: torch.Tensor, counts: dict, info: dict,
+                 subdirs: bool, latents: dict | None) -> None:
+    """One PNG and sidecar JSON per image of a batch; final states into ``latents`` when collecting them."""
+    for i, (s, p) in enumerate(chunk):
+        png = _png_path(outdir, s, subdirs)
+        save_png(imgs[i], png)
+        atomic_write_json(png.with_suffix(".json"), {
+            "seed": s, "prompt": p, "solver": info["solver"], "nfe": counts["nfe"],
+            "nfe_sequential": counts["nfe_sequential"], "forward_passes": counts["forward_passes"],
+            "image": png.name, **{k: v for k, v in info.items() if k != "sigmas"}})
+        if latents is not None:
+            latents[s] = x[i].float().cpu()
+
+
+def _write_latents(path: Path, latents: dict) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        order = sorted(latents)
+        save_file({"seeds": torch.tensor(order), "latents": torch.stack([latents[s] for s in order])}, str(tmp))
+
+
+def machine_label(device) -> str:
+    """The device a timing was taken on, in words: the GPU's name, or the CPU model and torch's thread count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def _cost(outdir: Path, seconds: float, sampled: int, batch: int, backbone) -> dict:
+    """``seconds_per_image``, ``batch`` and ``machine`` of this call, or the ones recorded when it sampled nothing."""
+    if sampled:
+        return {"seconds_per_image": round(seconds / sampled, 5), "cost_batch": batch,
+                "machine": machine_label(getattr(backbone, "device", "cpu"))}
+    old = read_json(outdir / "summary.json") if (outdir / "summary.json").is_file() else {}
+    return {k: old.get(k) for k in ("seconds_per_image", "cost_batch", "machine")}
 
 
 _RUN_KEYS = ("seed", "prompt", "solver", "base_solver", "num_points", "grid_hash", "table_hash", "backbone")
@@ -351,7 +398,8 @@ def run(args):
         else:
             summary = _run_ranks(args, setup, world)
         r.params({"num_points": summary["num_points"]})
-        r.metrics({"nfe": summary["nfe"], "forward_passes": summary["forward_passes"], "seconds": summary["seconds"]})
+        r.metrics({"nfe": summary["nfe"], "forward_passes": summary["forward_passes"], "seconds": summary["seconds"],
+                   **({"seconds_per_image": summary["seconds_per_image"]} if summary.get("seconds_per_image") else {})})
     print(f"{summary['count']} images ({label}, NFE {summary['nfe']}, {summary['forward_passes']} forward passes) "
           f"-> {args.outdir}")
     return 0

@@ -17,7 +17,6 @@ Files: :mod:`epd.predictor` reads and writes the native format, :mod:`epd.legacy
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import torch
@@ -149,27 +148,10 @@ class EPDTable:
         return out
 
     def summary(self) -> str:
-        m = self.meta
-        lines = [f"EPD table: N={self.num_steps} grid points ({self.num_steps - 1} steps), K={self.num_points}",
-                 f"  backbone={m.get('backbone')} resolution={m.get('img_resolution')} "
-                 f"guidance={m.get('guidance_type')}:{m.get('guidance_rate')} schedule={m.get('schedule_type')} "
-                 f"rho={m.get('schedule_rho')} afs={m.get('afs')} coords={m.get('coords')}",
-                 f"  sigma_min={m.get('sigma_min')} sigma_max={m.get('sigma_max')} "
-                 f"mu={m.get('flowmatch_mu')} shift={m.get('flowmatch_shift')}",
-                 f"  scales: dir={'on' if self.scale_dir is not None else 'off'} "
-                 f"time={'on' if self.scale_time is not None else 'off'}"]
-        for n in range(self.num_steps - 1):
-            r = ", ".join(f"{v:.4f}" for v in self.positions[n].tolist())
-            w = ", ".join(f"{v:.4f}" for v in self.weights[n].tolist())
-            extra = ""
-            if self.scale_dir is not None:
-                extra += " c=[" + ", ".join(f"{v:.4f}" for v in self.scale_dir[n].tolist()) + "]"
-            if self.scale_time is not None:
-                extra += " a=[" + ", ".join(f"{v:.4f}" for v in self.scale_time[n].tolist()) + "]"
-            lines.append(f"  step {n}: r=[{r}] w=[{w}]{extra}")
-        if self.provenance:
-            lines.append(f"  provenance: {json.dumps(self.provenance, default=str)[:400]}")
-        return "\n".join(lines)
+        """What ``epd predictor show`` prints (:func:`epd.table_text.summary_text`)."""
+        from .table_text import summary_text
+
+        return summary_text(self.meta, self.provenance, self.tensors())
 
     def equal(self, other: "EPDTable", atol: float = 0.0) -> bool:
         a, b = self.tensors(), other.tensors()

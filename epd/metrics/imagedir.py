@@ -6,7 +6,9 @@ original scorers paired by sort order, which silently misaligned when stray file
 
 Rules:
 
-* Files and folders whose name starts with ``.`` are skipped (``.ipynb_checkpoints``, editor temp files).
+* Files and folders whose name starts with ``.`` are skipped (``.ipynb_checkpoints``, editor temp files), and so
+  is the contact sheet ``grid.png`` that ``epd sample --grid`` writes at the top of its folder (when it has no
+  sidecar of its own).
 * Image suffixes: ``.png``, ``.jpg``, ``.jpeg``, ``.webp``, ``.bmp`` (case-insensitive); other files are ignored.
 * Mode conversion (what the original scorers' ``Image.open(p).convert("RGB")`` did): grayscale (``1``, ``L``,
   ``LA``) is replicated to three channels, palette images (``P``, ``PA``) are expanded, and an alpha channel
@@ -93,7 +95,7 @@ def _read_sidecar(img: Path) -> dict:
     side = img.with_suffix(".json")
     if not side.is_file():
         raise EPDError(f"image {img}: no sidecar {side.name}; `epd evaluate` pairs images with prompts through the "
-                       "sidecar JSON that `epd sample` writes (it never pairs by file order)")
+                       f"sidecar JSON that `epd sample` writes (it never pairs by file order): {HOW_TO_SAMPLE}")
     try:
         meta = json.loads(side.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -106,14 +108,20 @@ def _read_sidecar(img: Path) -> dict:
     return meta
 
 
+GRID_NAME = "grid.png"  # the contact sheet of `epd sample --grid`
+HOW_TO_SAMPLE = ("`epd sample --config CONFIG --backbone NAME --solver SOLVER --nfe NFE --seeds 0-99 --out DIR` "
+                 "writes one PNG and one sidecar JSON (seed, prompt, solver, NFE) per seed; evaluate DIR")
+
+
 def pair_samples(root: str | os.PathLike) -> list[Sample]:
-    """Pair every image under ``root`` with its sidecar's prompt and seed.
+    """Pair every image under ``root`` with its sidecar's prompt and seed (skipping the ``--grid`` contact sheet).
 
     Raises:
         EPDError: empty directory, missing or malformed sidecar.
     """
     root = Path(root)
-    files = iter_image_files(root)
+    grid = root / GRID_NAME
+    files = [f for f in iter_image_files(root) if f != grid or f.with_suffix(".json").is_file()]
     if not files:
         raise EPDError(f"images directory {root}: contains no images ({', '.join(IMAGE_SUFFIXES)}; hidden folders "
                        "such as .ipynb_checkpoints are skipped)")

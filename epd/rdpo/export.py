@@ -173,6 +173,32 @@ def export_checkpoint(checkpoint, template_table: EPDTable, *, run_dir: str | Pa
     if step is None:
         raise EPDError(f"policy checkpoint {source}: cannot tell the export step (name it policy-stepXXXXXX.pt "
                        "or pass step=)")
+    meta = _export_meta(policy, template_table, model_config, source)
+    mean = policy.mean_table()
+    scales, scale_notes = _export_scales(mean, meta, keep_policy_scales)
+    s = sanitize_rows(mean.positions, mean.weights, scales.get("scale_dir"), scales.get("scale_time"))
+    run_dir = None if run_dir is None else str(run_dir)
+    provenance = {"source": "rdpo-export", "run_dir": run_dir, "policy_checkpoint": source, "export_step": step,
+                  "template": template_table.provenance.get("source"), "policy": policy.describe(),
+                  "sanitized_rows": {"reordered": s.reordered, "adjusted": s.adjusted}, "scales": scale_notes}
+    try:
+        table = EPDTable(s.positions, s.weights, s.scale_dir, s.scale_time, meta=meta, provenance=provenance)
+    except ConfigError as e:
+        raise EPDError(f"policy checkpoint {source}: exported table is invalid ({e})") from None
+    sanitized = {"reordered": len(s.reordered), "adjusted": len(s.adjusted)}
+    metrics = {k: _finite_or_none(latest_metrics[k]) for k in METRIC_KEYS if latest_metrics and k in latest_metrics}
+    manifest = {"run_dir": run_dir, "policy_checkpoint": source, "export_step": step,
+                "timestamp": timestamp or _dt.datetime.now(_dt.timezone.utc).isoformat(),
+                "sanitized_rows": sanitized, "latest_metrics": metrics}
+    options = _export_options(table, template_options, run_dir, source, sanitized, scale_notes)
+    if output_dir is not None:
+        write_export(table, manifest, options, Path(output_dir), step)
+    return table, manifest, options
+
+
+def _export_meta(policy: EPDParamPolicy, template_table: EPDTable, model_config: dict | None, source: str) -> dict:
+    """The exported table's metadata: the template's, overridden by the run's ``model`` section; the policy's
+    step count and K must match both."""
     tshape = tuple(template_table.positions.shape)
     pshape = (policy.num_steps - 1, policy.num_points)
     if tshape != pshape:
@@ -190,24 +216,12 @@ def export_checkpoint(checkpoint, template_table: EPDTable, *, run_dir: str | Pa
     if "backbone_config" in over and isinstance(meta.get("backbone_config"), dict):
         over["backbone_config"] = {**meta["backbone_config"], **over["backbone_config"]}
     meta.update(over)
+    return meta
 
-    mean = policy.mean_table()
-    scales, scale_notes = _export_scales(mean, meta, keep_policy_scales)
-    s = sanitize_rows(mean.positions, mean.weights, scales.get("scale_dir"), scales.get("scale_time"))
-    sanitized = {"reordered": len(s.reordered), "adjusted": len(s.adjusted)}
-    run_dir = None if run_dir is None else str(run_dir)
-    provenance = {"source": "rdpo-export", "run_dir": run_dir, "policy_checkpoint": source, "export_step": step,
-                  "template": template_table.provenance.get("source"), "policy": policy.describe(),
-                  "sanitized_rows": {"reordered": s.reordered, "adjusted": s.adjusted}, "scales": scale_notes}
-    try:
-        table = EPDTable(s.positions, s.weights, s.scale_dir, s.scale_time, meta=meta, provenance=provenance)
-    except ConfigError as e:
-        raise EPDError(f"policy checkpoint {source}: exported table is invalid ({e})") from None
 
-    metrics = {k: _finite_or_none(latest_metrics[k]) for k in METRIC_KEYS if latest_metrics and k in latest_metrics}
-    manifest = {"run_dir": run_dir, "policy_checkpoint": source, "export_step": step,
-                "timestamp": timestamp or _dt.datetime.now(_dt.timezone.utc).isoformat(),
-                "sanitized_rows": sanitized, "latest_metrics": metrics}
+def _export_options(table: EPDTable, template_options: dict | None, run_dir: str | None, source: str,
+                    sanitized: dict, scale_notes: dict) -> dict:
+    """``training_options-export-stepXXXXXX.json``: the template's options with the exported ``pred_kwargs``."""
     options = copy.deepcopy(template_options) if template_options else {}
     options["pred_kwargs"] = pred_kwargs_from_meta(table.meta)
     options["export_info"] = {"source_run": run_dir, "policy_checkpoint": source,
@@ -215,17 +229,20 @@ def export_checkpoint(checkpoint, template_table: EPDTable, *, run_dir: str | Pa
                                                  "adjusted_rows": sanitized["adjusted"]}}
     if scale_notes:
         options["export_info"]["scales"] = scale_notes
-    if output_dir is not None:
-        write_export(table, manifest, options, Path(output_dir), step)
-    return table, manifest, options
+    return options
 
 
-def write_export(table: EPDTable, manifest: dict, options: dict, output_dir: Path, step: int) -> dict[str, Path]:
-    """Write the three export artefacts atomically; returns their paths."""
+def write_export(table: EPDTable, manifest: dict, options: dict, output_dir: Path, step: int,
+                 write_manifest: bool = True) -> dict[str, Path]:
+    """Write the export artefacts atomically (the manifest unless ``write_manifest`` is False, the original's
+    ``--no-manifest``); returns their paths."""
     paths = {"snapshot": save_table(table, output_dir / f"network-snapshot-export-step{step:06d}"),
              "manifest": output_dir / f"export-manifest-step{step:06d}.json",
              "options": output_dir / f"training_options-export-step{step:06d}.json"}
     atomic_write_json(paths["options"], options)
+    if not write_manifest:
+        del paths["manifest"]
+        return paths
     atomic_write_json(paths["manifest"], manifest)
     return paths
 
@@ -277,8 +294,10 @@ def _locate_template(recorded: str, run_dir: Path) -> Path | None:
 
 
 def export_run(run_dir: str | Path, *, checkpoint: str | Path | None = None, output_dir: str | Path | None = None,
-               template: str | Path | None = None, keep_policy_scales: bool = False) -> dict[str, Path]:
-    """Export a run directory's checkpoint (default: the latest) into ``<run_dir>/export`` (or ``output_dir``)."""
+               template: str | Path | None = None, keep_policy_scales: bool = False,
+               write_manifest: bool = True) -> dict[str, Path]:
+    """Export a run directory's checkpoint (default: the latest) into ``<run_dir>/export`` (or ``output_dir``);
+    ``write_manifest=False`` leaves out ``export-manifest-stepXXXXXX.json``."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise EPDError(f"run directory {run_dir}: not found")
@@ -306,7 +325,7 @@ def export_run(run_dir: str | Path, *, checkpoint: str | Path | None = None, out
         ckpt, table, run_dir=run_dir, model_config=cfg.get("model"), template_options=template_options,
         latest_metrics=_latest_metrics(run_dir), keep_policy_scales=keep_policy_scales)
     return write_export(tbl, manifest, options, Path(output_dir) if output_dir else run_dir / "export",
-                        manifest["export_step"])
+                        manifest["export_step"], write_manifest)
 
 
 # ---------------------------------------------------------------------- CLI
@@ -320,11 +339,19 @@ def add_arguments(p) -> None:
     p.add_argument("--keep-policy-scales", action="store_true",
                    help="write the policy's scale means as they are instead of mapping them through the template's "
                         "scale ranges (the original drops scales whose range is 0)")
+    p.add_argument("--device", default="cpu",
+                   help="accepted for the original exporter's command line; the export (policy mean, sanitising) "
+                        "always computes on the CPU, so its numbers do not depend on this flag")
+    p.add_argument("--no-manifest", action="store_true",
+                   help="do not write export-manifest-stepXXXXXX.json (as the original's --no-manifest)")
 
 
 def run(args) -> int:
+    if args.device != "cpu":
+        log.info("--device %s: the export computes on the CPU (a few small tensors); nothing runs on %s",
+                 args.device, args.device)
     paths = export_run(args.run_dir, checkpoint=args.checkpoint, output_dir=args.output_dir, template=args.template,
-                       keep_policy_scales=args.keep_policy_scales)
+                       keep_policy_scales=args.keep_policy_scales, write_manifest=not args.no_manifest)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0

@@ -5,7 +5,8 @@ Two steps, so Snakemake can track the frozen export:
 1. export (:func:`export_runs`): MLflow -> ``runs.csv`` + ``runs_history.csv`` (the workflow keeps them per
    study, under ``results/studies/<study>/``);
 2. build (:func:`build_report`): CSV (+ the original system's result JSONs) ->
-   ``reports/<backbone>/table.{md,tex,csv}``, PNG plots and ``reports/README.md``.
+   ``reports/<backbone>/table.{md,tex,csv}``, PNG plots, sample grids cut from the sampled folders
+   (``grid_nfe<N>.png``, ``grid_overview.png``) and ``reports/README.md``.
 
 Example:
     epd report --tracking-uri sqlite:///results/mlflow.db --runs-csv results/runs.csv --out reports \\
@@ -41,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     step.add_argument("--export-only", action="store_true", help="only export MLflow runs to --runs-csv")
     step.add_argument("--build-only", action="store_true", help="only build the report from --runs-csv")
     p.add_argument("--config", default=None,
-                   help="the study's config: its solver/NFE pairs that cannot run are listed in the table notes")
+                   help="the study's config: its solver/NFE pairs that cannot run are listed in the table notes, and "
+                        "its reference solve (sample.reference_solver/_steps) is named in the RMSE note")
     p.add_argument("--expect-rows", default=None, metavar="FILE.json",
                    help='{"backbone": ["solver", "solver@NFE", ...]}: exit 1 naming every row missing from the tables')
 
@@ -60,13 +62,15 @@ def run(args) -> int:
               f"{s['history_csv']})")
     if args.export_only:
         return 0
-    skipped = None
+    skipped = references = None
     if args.config:
         from ..config import load_config, skipped_pairs
+        from .build import rmse_references
 
-        skipped = skipped_pairs(load_config(args.config))
+        cfg = load_config(args.config)
+        skipped, references = skipped_pairs(cfg), rmse_references(cfg)
     written = build_report(args.runs_csv, args.out, external=args.external, backbones=args.backbones,
-                           best_within=args.best_within, skipped=skipped)
+                           best_within=args.best_within, skipped=skipped, references=references)
     for bb, labels in written.items():
         print(f"{args.out}/{bb}: {', '.join(labels)}")
     if expected is not None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, EPDError
 from ..io import atomic_write_text, sha256_file
-from . import plots, render
+from . import grids, plots, render
 from .export import history_path, num, read_history, read_runs, run_field, select_latest
 from .external import IR_NOTE, ORIGINAL_SOURCE, parse_external_arg, read_external
 from .tables import (PIPELINE, Row, ScoreCache, add_paired, mark_best, metric_columns, order_rows, rows_from_runs,
@@ -18,7 +18,7 @@ from .tables import (PIPELINE, Row, ScoreCache, add_paired, mark_best, metric_co
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_report", "missing_rows", "read_expected_rows", "PLOTS"]
+__all__ = ["build_report", "missing_rows", "read_expected_rows", "rmse_references", "PLOTS"]
 
 PLOTS = ("metric_vs_nfe.png", "rdpo_curves.png", "distill_loss.png", "epd_tables.png")
 
@@ -54,8 +54,35 @@ def _load_tables(distill: list[dict], rdpo: list[dict], scores: ScoreCache) -> l
     return sorted(by_nfe.items(), key=lambda kv: math.inf if math.isnan(kv[0]) else kv[0])
 
 
-def _notes(rows: list[Row], externals: dict[str, list[str]], backbone: str, skipped: list[str]) -> list[str]:
-    notes = []
+def rmse_references(config: dict) -> dict[str, str]:
+    """Backbone -> the reference solve ``rmse_vs_teacher`` compares with, in words, from a (validated) config."""
+    out = {}
+    for b, sec in (config.get("backbones") or {}).items():
+        smp = sec.get("sample") or {}
+        if smp.get("reference_solver") and smp.get("reference_steps"):
+            out[b] = (f"{smp['reference_solver']} with {smp['reference_steps']} steps "
+                      "(config `sample.reference_solver`, `sample.reference_steps`)")
+    return out
+
+
+def _cost_note(rows: list[Row]) -> str | None:
+    timed = [r for r in rows if math.isfinite(r.seconds_per_image)]
+    if not timed:
+        return None
+    machines = sorted({r.machine or "machine not recorded" for r in timed})
+    batches = sorted({int(r.cost_batch) for r in timed if math.isfinite(r.cost_batch)})
+    return (f"s/img: wall-clock seconds per image of the sampling job (sampling and writing; a one-process job "
+            "excludes loading the model), "
+            f"measured on {'; '.join(machines)}"
+            + (f" at batch {', '.join(map(str, batches))}" if batches else "") + "; rows without it: –.")
+
+
+def _notes(rows: list[Row], externals: dict[str, list[str]], backbone: str, skipped: list[str],
+           reference: str | None = None) -> list[str]:
+    notes = [n for n in [_cost_note(rows)] if n]
+    if reference and any("rmse_vs_teacher" in r.cells for r in rows):
+        notes.append(f"RMSE vs teacher: per-image RMSE of the final state against a reference solve from the same "
+                     f"noise: {reference}.")
     if skipped:
         notes.append(f"Configured but not run: {', '.join(skipped)} (two-evaluation solvers such as Heun and "
                      "DPM-Solver-2 exist only at even NFE).")
@@ -71,12 +98,12 @@ def _notes(rows: list[Row], externals: dict[str, list[str]], backbone: str, skip
 
 
 def _write_backbone(bb: str, rows: list[Row], runs: list[dict], history: dict, out: Path, scores: ScoreCache,
-                    externals: dict[str, list[str]], within: str, skipped: list[str]) -> dict:
+                    externals: dict[str, list[str]], within: str, skipped: list[str], reference: str | None) -> dict:
     rows = order_rows(rows)
     metrics = metric_columns(rows)
     mark_best(rows, metrics, within)
     add_paired(rows, metrics, scores)
-    notes = _notes(rows, externals, bb, skipped)
+    notes = _notes(rows, externals, bb, skipped, reference)
     d = out / bb
     atomic_write_text(d / "table.md", render.markdown(bb, rows, metrics, notes, within))
     atomic_write_text(d / "table.tex", render.latex(bb, rows, metrics, notes, within))
@@ -92,13 +119,15 @@ def _write_backbone(bb: str, rows: list[Row], runs: list[dict], history: dict, o
             (d / name).unlink()
     used = [r for r in runs if run_field(r, "backbone") == bb]
     return {"labels": unique_labels(rows), "plots": [n for n, ok in made.items() if ok], "rows": len(rows),
+            "grids": grids.write_grids(rows, d, bb),
             "git_sha": sorted({run_field(r, "git_sha") for r in used} - {""}),
             "config_hash": sorted({run_field(r, "config_hash") for r in used} - {""}),
             "external": bool(externals.get(bb))}
 
 
 def build_report(runs_csv: str | Path, out_dir: str | Path, external=None, backbones=None, *,
-                 best_within: str = "nfe", skipped: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+                 best_within: str = "nfe", skipped: dict[str, list[str]] | None = None,
+                 references: dict[str, str] | None = None) -> dict[str, list[str]]:
     """Turn an exported runs CSV (and optional original result JSONs) into tables and plots.
 
     Writes ``<out_dir>/<backbone>/table.{md,tex,csv}``, the PNG plots that have data
@@ -114,6 +143,8 @@ def build_report(runs_csv: str | Path, out_dir: str | Path, external=None, backb
         best_within (`str`): ``"nfe"`` marks the best value among rows of the same NFE, ``"column"`` per column.
         skipped (`dict[str, list[str]]`, *optional*): backbone -> configured ``solver@NFE`` pairs that cannot run
             (:func:`epd.config.skipped_pairs`), listed in the table notes.
+        references (`dict[str, str]`, *optional*): backbone -> the ``rmse_vs_teacher`` reference solve in words
+            (:func:`rmse_references`), named once in the table notes.
 
     Returns:
         `dict[str, list[str]]`: backbone -> solver labels of the rows written, in table order.
@@ -141,7 +172,7 @@ def build_report(runs_csv: str | Path, out_dir: str | Path, external=None, backb
     history = read_history(history_path(runs_csv))
     scores = ScoreCache([runs_csv.parent, runs_csv.parent.parent])
     info = {bb: _write_backbone(bb, by_bb[bb], runs, history, out, scores, externals, best_within,
-                                (skipped or {}).get(bb, [])) for bb in sorted(by_bb)}
+                                (skipped or {}).get(bb, []), (references or {}).get(bb)) for bb in sorted(by_bb)}
     atomic_write_text(out / "README.md", _readme(info, runs_csv, best_within))
     return {bb: i["labels"] for bb, i in info.items()}
 
@@ -159,6 +190,7 @@ def _readme(info: dict, runs_csv: Path, within: str) -> str:
                   f"{', '.join(f'`{s}`' for s in i['config_hash']) or 'not recorded'}"
                   + ("; includes rows from the original RLEPD result files" if i["external"] else "")]
         lines += [f"- ![{n[:-4]}]({bb}/{n})" for n in i["plots"]]
+        lines += [f"- Samples: ![{n[:-4]}]({bb}/{n})" for n in i["grids"]]
         lines.append("")
     lines += ["## How the columns are counted", "",
               "- **Steps**: solver steps (grid intervals) of the sampling run.",
@@ -167,6 +199,10 @@ def _readme(info: dict, runs_csv: Path, within: str) -> str:
               "first step (AFS) saves one, and a classifier-free-guidance pair counts as one.",
               "- **Fwd passes**: network forward passes per sample: each of the K intermediate points counts, and "
               "CFG doubles the count (conditional + unconditional).",
+              "- **s/img**: wall-clock seconds per image of the sampling job, as `epd sample` recorded it in its "
+              "folder; the table notes name the machine and batch size.",
+              "- **Sample grids** (`grid_nfe<N>.png`, `grid_overview.png`): cut from the sampled folders (nothing "
+              "re-sampled); every row shows the same seeds and prompts.",
               "- **Metric cells**: mean ± standard error over images (SE = sample std / √n). Set metrics (FD, FID) "
               "are one number per image set and carry no SE. ↑ higher is better, ↓ lower is better.",
               f"- **Bold**: the best value in its column{' among rows with the same NFE' if within == 'nfe' else ''}"

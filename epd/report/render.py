@@ -41,6 +41,11 @@ def _int(x: float) -> str:
     return str(int(x)) if x == int(x) else f"{x:g}"
 
 
+def _seconds(x: float) -> str:
+    """Wall clock per image: 3 significant digits."""
+    return f"{x:.3g}" if math.isfinite(x) else DASH
+
+
 def _header(m: str) -> str:
     return f"{METRIC_LABELS.get(m, m)} {'↑' if higher_is_better(m) else '↓'}"
 
@@ -59,15 +64,16 @@ def _paired_items(rows: list[Row], metrics: list[str]):
 def markdown(backbone: str, rows: list[Row], metrics: list[str], notes: list[str], within: str) -> str:
     """The Markdown table, the paired-comparison table and footnotes."""
     src = _show_source(rows)
-    head = ["Solver", "Steps", "NFE", "Fwd passes"] + (["Source"] if src else []) + [_header(m) for m in metrics]
+    head = ["Solver", "Steps", "NFE", "Fwd passes", "s/img"] + (["Source"] if src else []) + [_header(m) for m in metrics]
     lines = [f"# {backbone}", "",
              f"Cells: mean ± SE over images (set metrics such as FD/FID: one value, no SE). **Bold**: best in its "
              f"column{' among rows of the same NFE' if within == 'nfe' else ''} (↑ higher is better, ↓ lower is "
              "better). Column definitions: ../README.md.", "",
-             "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * 3 + (["---"] if src else [])
+             "| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * 4 + (["---"] if src else [])
                                                           + ["---:"] * len(metrics)) + "|"]
     for r in rows:
-        cells = [r.solver, _int(r.steps), _int(r.nfe), _int(r.forward_passes)] + ([r.source] if src else [])
+        cells = [r.solver, _int(r.steps), _int(r.nfe), _int(r.forward_passes), _seconds(r.seconds_per_image)] + (
+            [r.source] if src else [])
         for m in metrics:
             c = r.cells.get(m)
             text = DASH if c is None else fmt_value(c.mean, c.se) + c.note
@@ -99,8 +105,8 @@ def _tex(s: str) -> str:
 def latex(backbone: str, rows: list[Row], metrics: list[str], notes: list[str], within: str) -> str:
     """A booktabs table (``\\usepackage{booktabs}``), NFE groups separated by rules, plus the paired table."""
     src = _show_source(rows)
-    head = ["Solver", "Steps", "NFE", "Fwd"] + (["Source"] if src else []) + [_header(m) for m in metrics]
-    spec = "l" + "r" * 3 + ("l" if src else "") + "c" * len(metrics)
+    head = ["Solver", "Steps", "NFE", "Fwd", "s/img"] + (["Source"] if src else []) + [_header(m) for m in metrics]
+    spec = "l" + "r" * 4 + ("l" if src else "") + "c" * len(metrics)
     out = [f"% epd report: {backbone} (generated; do not edit). Requires \\usepackage{{booktabs}}.",
            r"\begin{table}[t]", r"\centering", r"\small",
            rf"\caption{{{_tex(backbone)}: mean $\pm$ SE over images; bold: best "
@@ -113,7 +119,8 @@ def latex(backbone: str, rows: list[Row], metrics: list[str], notes: list[str], 
             out.append(r"\midrule")
         prev = r.group
         cells = [_tex(r.solver), _int(r.steps).replace(DASH, "--"), _int(r.nfe).replace(DASH, "--"),
-                 _int(r.forward_passes).replace(DASH, "--")] + ([_tex(r.source)] if src else [])
+                 _int(r.forward_passes).replace(DASH, "--"), _seconds(r.seconds_per_image).replace(DASH, "--")] + (
+                     [_tex(r.source)] if src else [])
         for m in metrics:
             c = r.cells.get(m)
             text = "--" if c is None else _tex(fmt_value(c.mean, c.se) + c.note)
@@ -136,7 +143,8 @@ def latex(backbone: str, rows: list[Row], metrics: list[str], notes: list[str], 
 
 def csv_text(backbone: str, rows: list[Row], metrics: list[str]) -> str:
     """Full-precision CSV: per metric ``_mean, _se, _n, _best`` and, for EPD rows, ``_vs, _diff, _diff_se, _p``."""
-    cols = ["backbone", "solver", "steps", "nfe", "nfe_sequential", "forward_passes", "source", "run_id"]
+    cols = ["backbone", "solver", "steps", "nfe", "nfe_sequential", "forward_passes", "seconds_per_image",
+            "cost_batch", "machine", "source", "run_id"]
     for m in metrics:
         cols += [f"{m}_mean", f"{m}_se", f"{m}_n", f"{m}_best"]
         if not is_set_metric(m):
@@ -147,8 +155,9 @@ def csv_text(backbone: str, rows: list[Row], metrics: list[str]) -> str:
     f = lambda x: "" if x is None or (isinstance(x, float) and math.isnan(x)) else repr(x)  # noqa: E731
     for r in rows:
         rec = {"backbone": backbone, "solver": r.solver, "steps": f(r.steps), "nfe": f(r.nfe),
-               "nfe_sequential": f(r.nfe_sequential), "forward_passes": f(r.forward_passes), "source": r.source,
-               "run_id": r.run_id}
+               "nfe_sequential": f(r.nfe_sequential), "forward_passes": f(r.forward_passes),
+               "seconds_per_image": f(r.seconds_per_image), "cost_batch": f(r.cost_batch), "machine": r.machine,
+               "source": r.source, "run_id": r.run_id}
         for m in metrics:
             c = r.cells.get(m)
             if c is not None:

@@ -70,6 +70,10 @@ class Row:
     source: str = PIPELINE
     run_id: str = ""
     scores_csv: str = ""
+    images_dir: str = ""                  # the sampled folder (grids are cut from it)
+    seconds_per_image: float = math.nan   # sampling wall clock per image, as `epd sample` recorded it
+    cost_batch: float = math.nan          # ... at this batch size
+    machine: str = ""                     # ... on this device
     cells: dict[str, Cell] = field(default_factory=dict)
     best: set[str] = field(default_factory=set)
     paired: dict[str, dict] = field(default_factory=dict)
@@ -117,7 +121,9 @@ def rows_from_runs(runs: list[dict]) -> dict[str, list[Row]]:
         row = Row(solver=solver, steps=num(run_field(r, "steps")), nfe=num(run_field(r, "nfe")),
                   nfe_sequential=num(run_field(r, "nfe_sequential")),
                   forward_passes=num(run_field(r, "forward_passes")), run_id=r.get("run_id", ""),
-                  scores_csv=run_field(r, "scores_csv"), cells=_cells(r))
+                  scores_csv=run_field(r, "scores_csv"), images_dir=run_field(r, "images_dir"),
+                  seconds_per_image=num(run_field(r, "seconds_per_image")), cost_batch=num(run_field(r, "cost_batch")),
+                  machine=run_field(r, "machine"), cells=_cells(r))
         out.setdefault(bb, []).append(row)
     return out
 

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from ..errors import EPDError
 
-__all__ = ["register", "get_scorer", "list_scorers", "required_weights", "resolve_weights", "ScorerEntry",
+__all__ = ["register", "get_scorer", "list_scorers", "required_weights", "required_folder", "resolve_weights",
+           "ScorerEntry",
            "IMAGEREWARD_RLEPD_OFFSET"]
 
 # The original RLEPD ImageReward scorer added 3 standard deviations of the official normalisation.
@@ -40,13 +41,14 @@ class ScorerEntry:
     kind: str = "image"
     weights: tuple[tuple[str, str], ...] = field(default_factory=tuple)
     defaults: tuple[tuple[str, object], ...] = field(default_factory=tuple)
+    folder: str = ""
 
 
 _REGISTRY: dict[str, ScorerEntry] = {}
 
 
 def register(name: str, factory: str, description: str, kind: str = "image",
-             weights: list[tuple[str, str]] | tuple = (), **defaults) -> None:
+             weights: list[tuple[str, str]] | tuple = (), folder: str = "", **defaults) -> None:
     """Register a scorer factory.
 
     Args:
@@ -56,6 +58,8 @@ def register(name: str, factory: str, description: str, kind: str = "image",
         kind (`str`): ``"image"`` (per-image scores) or ``"set"`` (a distance between image sets, e.g. FID).
         weights (`list[tuple[str, str]]`): ``(kind, name)`` weight specs of :mod:`epd.backbones.weights` the
             factory needs, so callers can check every file before loading anything.
+        folder (`str`): what ``weights_dir`` must be when the scorer reads a whole folder instead (e.g. a trained
+            backbone's); empty when it does not. Callers name their flag for it before loading anything.
         **defaults: keyword arguments passed to the factory unless the caller overrides them.
     """
     if kind not in ("image", "set"):
@@ -63,7 +67,7 @@ def register(name: str, factory: str, description: str, kind: str = "image",
     if ":" not in factory:
         raise ValueError(f"register({name!r}): factory must be 'module:function', got {factory!r}")
     _REGISTRY[name] = ScorerEntry(name, factory, description, kind, tuple(tuple(w) for w in weights),
-                                  tuple(defaults.items()))
+                                  tuple(defaults.items()), folder)
 
 
 def _entry(name: str) -> ScorerEntry:
@@ -82,6 +86,11 @@ def list_scorers() -> list[tuple[str, str]]:
 def scorer_kind(name: str) -> str:
     """``"image"`` or ``"set"``."""
     return _entry(name).kind
+
+
+def required_folder(name: str) -> str:
+    """What ``weights_dir`` must hold for scorer ``name`` (e.g. the trained digits backbone folder), or ``""``."""
+    return _entry(name).folder
 
 
 def required_weights(name: str) -> list[tuple[str, str]]:
@@ -181,14 +190,17 @@ register("mps", "epd.rewards.mps:make_mps",
 register("fid_clean", "epd.metrics.fid:make_fid_clean",
          "FID, clean-fid protocol (PIL bicubic float resize to 299, FID Inception pool3) vs a reference set",
          kind="set", weights=[(_S, "inception")])
+_DIGITS = "the trained digits backbone folder (`epd backbone train --out DIR`, holds classifier.safetensors)"
 register("digits_alignment", "epd.backbones.digits.scorers:make_alignment",
-         "digits backbone: classifier probability of the prompted digit")
+         "digits backbone: log-probability of the prompted digit under the classifier (<= 0; 0 is certain)",
+         folder=_DIGITS)
 register("digits_realism", "epd.backbones.digits.scorers:make_realism",
-         "digits backbone: realism score of the embedded classifier")
+         "digits backbone: realism score of the embedded classifier", folder=_DIGITS)
 register("digits_typicality", "epd.backbones.digits.scorers:make_typicality",
          "digits backbone: how typical the image's distance to its class feature Gaussian is (0 = the median of "
-         "real train digits)")
+         "real train digits)", folder=_DIGITS)
 register("digits_accuracy", "epd.backbones.digits.scorers:make_accuracy",
-         "digits backbone: 1 if the classifier predicts the prompted digit")
+         "digits backbone: 1 if the classifier predicts the prompted digit", folder=_DIGITS)
 register("digits_fd", "epd.backbones.digits.scorers:make_fd",
-         "digits backbone: Frechet distance of classifier features vs the bundled digits", kind="set")
+         "digits backbone: Frechet distance of classifier features vs the bundled digits", kind="set",
+         folder=_DIGITS)

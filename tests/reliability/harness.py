@@ -15,7 +15,7 @@ import torch
 import yaml
 
 PROMPTS_GMM = ["0", "1"]
-TIMING_KEYS = {"seconds", "duration", "elapsed_sec", "elapsed_s", "train_seconds", "denoiser_train_seconds"}
+TIMING_KEYS = {"seconds", "seconds_per_image", "duration", "elapsed_sec", "elapsed_s", "train_seconds", "denoiser_train_seconds"}
 TINY_DIGITS = {"steps": 6, "batch_size": 16, "checkpoint_every": 3, "log_every": 3, "eval_every": 6, "warmup": 2,
                "arch": {"channels": 8, "emb_dim": 16}, "classifier": {"steps": 20, "hidden": [16, 8]}}
 

@@ -319,7 +319,7 @@ IMAGE_CASES = {
     "16-bit PNG": (_png16, ["000001.png", "mode"]),
     "prompt list does not match": (lambda d, t: ("--prompts", _prompt_file(t, "other.txt", b"seven\n")),
                                    ["other.txt", "not in"]),
-    "--out-dir is --images": (lambda d, t: ("--out-dir", d), ["--out-dir must differ from --images"]),
+    "--out-dir is --images": (lambda d, t: ("--out-dir", d), ["--out (alias --out-dir) must differ from --images"]),
     "unknown metric": (None, ["--metrics", "ssim"]),
     "--batch-size 0": (lambda d, t: ("--batch-size", "0"), ["--batch-size"]),
 }

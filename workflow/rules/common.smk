@@ -12,6 +12,7 @@ from snakemake.utils import min_version, validate
 from epd.backbones import backbone_class
 from epd.config import TABLE_LABELS, check_study, study_rows
 from epd.errors import ConfigError
+from epd.report.grids import grid_names
 
 min_version("9.0")
 
@@ -93,6 +94,7 @@ def all_targets():
     Snakemake does not rebuild a missing intermediate whose consumers are up to date unless it is a target."""
     out = ["reports/README.md"]
     out += [f"reports/{b}/table.md" for b in BACKBONES]
+    out += [f"reports/{b}/{name}" for b in BACKBONES for name in report_grids(b) + report_plots(b)]
     for b in BACKBONES:
         pairs = sample_targets(b)
         out += [f"{RESULTS}/{b}/samples/{s}/nfe{n}/summary.json" for s, n in pairs]
@@ -164,6 +166,25 @@ def sample_gpus(wildcards, gpus):
         return ""
     mode = "points" if wildcards.solver in TABLE_LABELS or wildcards.solver.startswith("released_") else "seeds"
     return f"--gpus {gpus} --parallel {mode}"
+
+
+def report_grids(b):
+    """The sample grids the report writes for backbone b: one per sampled NFE, and the overview (released tables'
+    NFEs are known only from their files, so their grids are written but not declared)."""
+    return grid_names(n for _, n in sample_targets(b) if int(n) > 0)
+
+
+def report_plots(b):
+    """The plots the report surely writes for backbone b: metric vs NFE always; the Stage-1 loss and learned tables
+    when this workflow produces a distilled table (not pulled); the RDPO curves when it produces an RDPO table."""
+    rdpo_made = [n for n in rdpo_nfes(b) if not pulled(f"{b}/rdpo/nfe{n}/table_best.safetensors")]
+    distill_used = {n for s, n in sample_targets(b) if s == "epd_distilled"} | set(rdpo_made)
+    out = ["metric_vs_nfe.png"]
+    if any(not pulled(f"{b}/distill/nfe{n}/table.safetensors") for n in distill_used):
+        out += ["distill_loss.png", "epd_tables.png"]
+    if rdpo_made:
+        out.append("rdpo_curves.png")
+    return out
 
 
 def eval_inputs(wildcards):

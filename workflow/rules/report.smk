@@ -1,4 +1,5 @@
-# Report: freeze MLflow runs into a CSV, then build tables (Markdown, LaTeX, CSV) and plots under reports/.
+# Report: freeze MLflow runs into a CSV, then build tables (Markdown, LaTeX, CSV), plots and sample grids under
+# reports/; each is registered (with a caption from workflow/report/) for `snakemake --report report.html`.
 
 
 rule export_runs:
@@ -39,7 +40,12 @@ rule report:
         expected=f"{STUDY_DIR}/expected_rows.json",
     output:
         index=report("reports/README.md", caption="../report/index.rst", category="Report"),
-        tables=[f"reports/{b}/table.md" for b in BACKBONES],
+        tables=[report(f"reports/{b}/table.md", caption="../report/table.rst", category=b, subcategory="Tables",
+                       labels={"backbone": b, "file": "table.md"}) for b in BACKBONES],
+        plots=[report(f"reports/{b}/{name}", caption=f"../report/{name[:-4]}.rst", category=b, subcategory="Plots",
+                      labels={"backbone": b, "plot": name[:-4]}) for b in BACKBONES for name in report_plots(b)],
+        grids=[report(f"reports/{b}/{name}", caption="../report/grid.rst", category=b, subcategory="Samples",
+                      labels={"backbone": b, "grid": name[:-4]}) for b in BACKBONES for name in report_grids(b)],
     params:
         external=" ".join(f"--external {e}" for e in config["report"]["external"]),
         backbones=",".join(BACKBONES),
@@ -49,7 +55,7 @@ rule report:
     benchmark:
         f"benchmarks/snakemake/report/{STUDY}_build.tsv"
     message:
-        "Building tables and plots"
+        "Building tables, plots and sample grids"
     conda:
         "../../environment.yml"
     shell:

@@ -51,8 +51,9 @@ def _load(weights_dir, device) -> DigitsClassifier:
 
 def _load_with_meta(weights_dir, device) -> tuple[DigitsClassifier, dict]:
     if weights_dir is None:
-        raise EPDError("digits scorers need weights_dir: the `epd backbone train --out DIR` folder that holds "
-                       "classifier.safetensors")
+        raise EPDError("digits scorers need weights_dir, the `epd backbone train --out DIR` folder that holds "
+                       "classifier.safetensors (on the command line: `epd evaluate --weights-dir DIR`, "
+                       "`epd rdpo --weights DIR`)")
     return load_classifier(Path(weights_dir), device)
 
 
