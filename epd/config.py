@@ -11,7 +11,7 @@ import yaml
 from .errors import ConfigError
 
 __all__ = ["load_config", "backbone_section", "validate", "schema_path", "study_files", "check_study",
-           "skipped_pairs", "study_rows", "peer_rows", "TABLE_LABELS", "ASSETS_DIR", "ASSETS_FETCH",
+           "skipped_pairs", "study_rows", "peer_rows", "dataclass_from_dict", "TABLE_LABELS", "ASSETS_DIR", "ASSETS_FETCH",
            "STUDY_KEYS"]
 
 # Where ``epd assets fetch`` puts the original system's released files, and the command that brings them.
@@ -21,6 +21,19 @@ ASSETS_FETCH = "epd assets fetch   (or, offline: epd assets fetch --mirror DIR, 
 # backbone adapters ignore them (the others, kind/guidance/model_path/resolution/coords/backend_config, are theirs).
 STUDY_KEYS = ("solvers", "nfes", "distill_nfes", "rdpo_nfes", "metrics", "predictors", "prompts", "student", "teacher",
               "distill", "rdpo", "train", "bench", "sample", "peers")
+
+
+def dataclass_from_dict(cls, d: dict | None, section: str):
+    """``cls(**d)`` for a settings dataclass, refusing unknown keys with one error naming the section and the
+    accepted keys."""
+    from dataclasses import fields
+
+    d = dict(d or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"{section}: unknown keys {unknown}; accepted: {sorted(known)}")
+    return cls(**d)
 
 
 def schema_path() -> Path:

@@ -15,13 +15,14 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from .config import dataclass_from_dict
 from .errors import ConfigError, EPDError, NonFiniteError
 from .io import atomic_write_bytes, atomic_write_text, config_hash, load_error_text
 from .memory import out_of_memory_names
@@ -111,12 +112,7 @@ class DistillConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "DistillConfig":
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"distill: unknown keys {unknown}; accepted: {sorted(known)}")
-        cfg = cls(**d)
+        cfg = dataclass_from_dict(cls, d, "distill")
         if cfg.micro_batch is not None and cfg.micro_batch < 1:
             raise ConfigError(f"distill.micro_batch: must be >= 1 (or null), got {cfg.micro_batch}")
         if cfg.iterations < 1 or cfg.batch < 1 or cfg.lr <= 0:

@@ -19,11 +19,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from .config import dataclass_from_dict
 from .errors import ConfigError
 from .solvers import SOLVERS, steps_for_nfe
 from .solvers.gits import gits_sigmas
@@ -33,14 +34,6 @@ from .solvers.learned import save_grid
 log = logging.getLogger(__name__)
 
 __all__ = ["LD3Config", "GITSConfig", "train_amed", "train_ld3", "search_gits", "base_grid"]
-
-
-def _from_dict(cls, d: dict | None, section: str):
-    d = dict(d or {})
-    unknown = sorted(set(d) - {f.name for f in fields(cls)})
-    if unknown:
-        raise ConfigError(f"{section}: unknown keys {unknown}; accepted: {sorted(f.name for f in fields(cls))}")
-    return cls(**d)
 
 
 @dataclass
@@ -58,7 +51,7 @@ class LD3Config:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "LD3Config":
-        cfg = _from_dict(cls, d, "peers.ld3")
+        cfg = dataclass_from_dict(cls, d, "peers.ld3")
         if cfg.iterations < 0 or cfg.batch < 1 or cfg.lr <= 0 or cfg.radius < 0:
             raise ConfigError("peers.ld3: iterations must be >= 0, batch >= 1, lr > 0 and radius >= 0")
         return cfg
@@ -76,7 +69,7 @@ class GITSConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "GITSConfig":
-        cfg = _from_dict(cls, d, "peers.gits")
+        cfg = dataclass_from_dict(cls, d, "peers.gits")
         if cfg.fine_points < 3 or cfg.M < 0 or cfg.trajectories < 1:
             raise ConfigError("peers.gits: fine_points must be >= 3, M >= 0 and trajectories >= 1")
         return cfg

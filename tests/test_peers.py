@@ -154,3 +154,13 @@ def test_peer_labels():
     assert parse_peer("ld3_dpmpp_2m") == ("ld3", "dpmpp_2m") and parse_peer("gits_ipndm") == ("gits", "ipndm")
     with pytest.raises(ConfigError, match="peers.solvers"):
         parse_peer("ld3_heun")
+
+
+def test_peer_rows_only_where_their_solver_runs():
+    from epd.config import peer_rows
+
+    sec = {"nfes": [3], "student": {"afs": True},
+           "peers": {"solvers": ["amed", "ld3_dpmpp_2m", "gits_ipndm"], "nfes": [4, 5]}}
+    assert peer_rows(sec) == [("amed", 5), ("ld3_dpmpp_2m", 4), ("ld3_dpmpp_2m", 5), ("gits_ipndm", 4),
+                              ("gits_ipndm", 5)]  # AMED with AFS, like EPD, reaches odd NFEs only
+    assert peer_rows({"nfes": [3]}) == []

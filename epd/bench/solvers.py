@@ -4,6 +4,11 @@ For each row: digits-FD against the held-out real digits (equal sample counts fo
 accuracy, and final-state RMSE against a high-NFE teacher solve from the same noise. NFE is counted the paper's
 way (an EPD step = 2 sequential evaluations, AFS saves one) with forward passes beside it; an equal-compute
 comparison (EPD against baselines at the same forward passes) is reported too.
+
+The learned peers of the config's ``peers.solvers`` (AMED-Solver/-Plugin, LD3, GITS; :mod:`epd.bench.peers`) add
+their rows after every other row (so those rows' numbers do not move), and ``compute_matched`` pairs each EPD row
+with the best row (baseline or peer) at no more forward passes: the paired RMSE difference over the evaluation
+seeds and its SE; ``best_at_nfe`` names the best row at each NFE and its margin over the runner-up in SE.
 """
 
 from __future__ import annotations
