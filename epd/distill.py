@@ -141,17 +141,15 @@ def distill(backbone, *, sigmas: torch.Tensor, x_init: torch.Tensor, targets: to
         x_init (`torch.Tensor`): teacher initial states ``(n, ...)``.
         targets (`torch.Tensor`): teacher states at student points 1..N-1, ``(n, N-1, ...)``.
         prompts (`list[str]`): prompt of each trajectory.
-        num_points (`int`): K.
-        afs (`bool`): analytic first step.
+        num_points (`int`): K.  afs (`bool`): analytic first step.
         run: optional :class:`epd.tracking.Run` for MLflow curves.
         seeds (`list[int]`, *optional*): teacher seed of each trajectory (named in NaN/inf errors).
         feature_fn (*optional*): differentiable map from final states to metric features; with
             ``cfg.feature_weight > 0`` the loss adds ``feature_weight * mean ||f(x_N) - f(x_N^teacher)||^2 / d``.
         plugin (`str`, *optional*): ``"ipndm"`` trains the table for the plugin sampler (EPD-/AMED-Plugin).
     """
-    out_dir = Path(out_dir)
     _check_inputs(cfg, feature_fn, sigmas, x_init, targets, prompts)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir := Path(out_dir)).mkdir(parents=True, exist_ok=True)
     N = len(sigmas)
     torch.manual_seed(cfg.seed)
     meta = {"num_steps": N, "num_points": num_points, "afs": afs, **(meta or {})}
