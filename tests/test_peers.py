@@ -164,3 +164,21 @@ def test_peer_rows_only_where_their_solver_runs():
     assert peer_rows(sec) == [("amed", 5), ("ld3_dpmpp_2m", 4), ("ld3_dpmpp_2m", 5), ("gits_ipndm", 4),
                               ("gits_ipndm", 5)]  # AMED with AFS, like EPD, reaches odd NFEs only
     assert peer_rows({"nfes": [3]}) == []
+
+
+def test_sample_takes_a_learned_grid_and_refuses_conflicting_flags(tmp_path):
+    from argparse import Namespace
+
+    from epd.sample import _learned_grid_solver
+
+    save_grid(tmp_path / "g.json", BB.sigmas(5), method="gits", solver="ipndm", nfe=4, backbone="digits")
+    args = lambda **kw: Namespace(**{"sigmas": str(tmp_path / "g.json"), "predictor_path": None, "nfe": None,  # noqa: E731
+                                     "steps": None, "solver": None, **kw})
+    assert _learned_grid_solver(args(), {"kind": "digits"}) == "ipndm"  # the grid's base solver by default
+    with pytest.raises(ConfigError, match="--sigmas: the learned grid fixes the steps"):
+        _learned_grid_solver(args(nfe=5), {"kind": "digits"})
+    with pytest.raises(ConfigError, match="learned on backbone 'digits', not 'sd15'"):
+        _learned_grid_solver(args(), {"kind": "sd15"})
+    with pytest.raises(ConfigError, match="not 'epd'"):
+        _learned_grid_solver(args(solver="epd"), {"kind": "digits"})
+    assert _learned_grid_solver(args(sigmas=None), {"kind": "digits"}) is None
