@@ -192,20 +192,14 @@ def run(args):
     return 0
 
 
-def _teacher_set(args, sec, bb, student=None):
-    from .study import load_teacher
-
-    return load_teacher(args.teacher, expect_sigmas=student)
-
-
 def _run_amed(args, sec, bb) -> str:
     from .distill import DistillConfig, metric_features
-    from .study import student_setup, teacher_sigmas
+    from .study import load_teacher, student_setup, teacher_sigmas
 
     st = student_setup(sec, args.nfe)
     dcfg = DistillConfig.from_dict(sec.get("distill"))
     student, _ = teacher_sigmas(bb, st["num_points_grid"], 0, st["schedule"], st["rho"])
-    man, x, s = _teacher_set(args, sec, bb, student)
+    man, x, s = load_teacher(args.teacher, expect_sigmas=student)
     meta = {"backbone": sec.get("kind", args.backbone), "schedule_type": st["schedule"] or bb.default_schedule,
             "schedule_rho": st["rho"], "sigma_min": float(student[-1]), "sigma_max": float(student[0]),
             "coords": bb.coords, "guidance_rate": sec.get("guidance"), "sampler_tea": man["solver"], "M": man["M"],
@@ -218,9 +212,11 @@ def _run_amed(args, sec, bb) -> str:
 
 
 def _run_ld3(args, sec, bb) -> str:
+    from .study import load_teacher
+
     st = sec.get("student") or {}
     base = base_grid(bb, args.solver, args.nfe, st.get("schedule"), st.get("rho"))
-    man, x, s = _teacher_set(args, sec, bb)
+    man, x, s = load_teacher(args.teacher)
     have = torch.tensor(man["student_sigmas"], dtype=torch.float64)[[0, -1]]
     if not torch.allclose(have, base[[0, -1]], rtol=1e-7):
         raise ConfigError(f"--teacher {args.teacher}: its grid runs {have.tolist()}, the base grid "
