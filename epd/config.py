@@ -11,7 +11,7 @@ import yaml
 from .errors import ConfigError
 
 __all__ = ["load_config", "backbone_section", "validate", "schema_path", "study_files", "check_study",
-           "skipped_pairs", "study_rows", "TABLE_LABELS", "ASSETS_DIR", "ASSETS_FETCH",
+           "skipped_pairs", "study_rows", "peer_rows", "dataclass_from_dict", "TABLE_LABELS", "ASSETS_DIR", "ASSETS_FETCH",
            "STUDY_KEYS"]
 
 # Where ``epd assets fetch`` puts the original system's released files, and the command that brings them.
@@ -20,7 +20,20 @@ ASSETS_FETCH = "epd assets fetch   (or, offline: epd assets fetch --mirror DIR, 
 # Keys of a ``backbones.<name>`` section (the schema's ``$defs.backbone``) that describe the study, not the model:
 # backbone adapters ignore them (the others, kind/guidance/model_path/resolution/coords/backend_config, are theirs).
 STUDY_KEYS = ("solvers", "nfes", "distill_nfes", "rdpo_nfes", "metrics", "predictors", "prompts", "student", "teacher",
-              "distill", "rdpo", "train", "bench", "sample")
+              "distill", "rdpo", "train", "bench", "sample", "peers")
+
+
+def dataclass_from_dict(cls, d: dict | None, section: str):
+    """``cls(**d)`` for a settings dataclass, refusing unknown keys with one error naming the section and the
+    accepted keys."""
+    from dataclasses import fields
+
+    d = dict(d or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"{section}: unknown keys {unknown}; accepted: {sorted(known)}")
+    return cls(**d)
 
 
 def schema_path() -> Path:
@@ -128,7 +141,28 @@ def study_rows(sec: dict) -> list[tuple[str, int]]:
     rows += [("epd_distilled", n) for n in sec.get("distill_nfes", sec["nfes"]) if runs("epd", n, afs)]
     rows += [("epd_rdpo", n) for n in sec.get("rdpo_nfes", []) if runs("epd", n, afs)]
     rows += [(f"released_{label}", 0) for label in sec.get("predictors") or {}]
+    rows += peer_rows(sec)
     return rows
+
+
+def peer_rows(sec: dict) -> list[tuple[str, int]]:
+    """The learned peers' ``(label, NFE)`` rows: each of ``peers.solvers`` at each of ``peers.nfes`` (default: the
+    section's ``nfes``) where its solver runs (AMED counts as EPD does, with the student's AFS)."""
+    from .solvers import steps_for_nfe
+    from .solvers.learned import parse_peer
+
+    peers = sec.get("peers") or {}
+    afs = (sec.get("student") or {}).get("afs", True)
+    out = []
+    for label in peers.get("solvers") or []:
+        solver = parse_peer(label)[1]
+        for n in peers.get("nfes", sec["nfes"]):
+            try:
+                steps_for_nfe(solver, int(n), afs)
+                out.append((label, n))
+            except ConfigError:
+                continue
+    return out
 
 
 def skipped_pairs(config: dict) -> dict[str, list[str]]:

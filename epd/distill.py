@@ -15,13 +15,14 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from .config import dataclass_from_dict
 from .errors import ConfigError, EPDError, NonFiniteError
 from .io import atomic_write_bytes, atomic_write_text, config_hash, load_error_text
 from .memory import out_of_memory_names
@@ -111,12 +112,7 @@ class DistillConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "DistillConfig":
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"distill: unknown keys {unknown}; accepted: {sorted(known)}")
-        cfg = cls(**d)
+        cfg = dataclass_from_dict(cls, d, "distill")
         if cfg.micro_batch is not None and cfg.micro_batch < 1:
             raise ConfigError(f"distill.micro_batch: must be >= 1 (or null), got {cfg.micro_batch}")
         if cfg.iterations < 1 or cfg.batch < 1 or cfg.lr <= 0:
@@ -136,7 +132,7 @@ def _lr_at(cfg: DistillConfig, it: int) -> float:
 def distill(backbone, *, sigmas: torch.Tensor, x_init: torch.Tensor, targets: torch.Tensor, prompts: list[str],
             num_points: int, afs: bool, cfg: DistillConfig, out_dir: str | Path, scale_dir: float = 0.0,
             scale_time: float = 0.0, meta: dict | None = None, run=None, seeds: list[int] | None = None,
-            feature_fn=None) -> EPDTable:
+            feature_fn=None, plugin: str | None = None) -> EPDTable:
     """Learn a table; writes ``out_dir/table.{safetensors,json}``, ``distill_log.jsonl``, ``checkpoint.pt``.
 
     Args:
@@ -145,16 +141,15 @@ def distill(backbone, *, sigmas: torch.Tensor, x_init: torch.Tensor, targets: to
         x_init (`torch.Tensor`): teacher initial states ``(n, ...)``.
         targets (`torch.Tensor`): teacher states at student points 1..N-1, ``(n, N-1, ...)``.
         prompts (`list[str]`): prompt of each trajectory.
-        num_points (`int`): K.
-        afs (`bool`): analytic first step.
+        num_points (`int`): K.  afs (`bool`): analytic first step.
         run: optional :class:`epd.tracking.Run` for MLflow curves.
         seeds (`list[int]`, *optional*): teacher seed of each trajectory (named in NaN/inf errors).
         feature_fn (*optional*): differentiable map from final states to metric features; with
             ``cfg.feature_weight > 0`` the loss adds ``feature_weight * mean ||f(x_N) - f(x_N^teacher)||^2 / d``.
+        plugin (`str`, *optional*): ``"ipndm"`` trains the table for the plugin sampler (EPD-/AMED-Plugin).
     """
-    out_dir = Path(out_dir)
     _check_inputs(cfg, feature_fn, sigmas, x_init, targets, prompts)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir := Path(out_dir)).mkdir(parents=True, exist_ok=True)
     N = len(sigmas)
     torch.manual_seed(cfg.seed)
     meta = {"num_steps": N, "num_points": num_points, "afs": afs, **(meta or {})}
@@ -163,7 +158,7 @@ def distill(backbone, *, sigmas: torch.Tensor, x_init: torch.Tensor, targets: to
     opt = torch.optim.Adam(params.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
     gen = torch.Generator().manual_seed(cfg.seed)
     ckpt = out_dir / "checkpoint.pt"
-    fingerprint = _fingerprint(cfg, sigmas, x_init, targets, num_points, afs, scale_dir, scale_time)
+    fingerprint = _fingerprint(cfg, sigmas, x_init, targets, num_points, afs, scale_dir, scale_time, plugin)
     start, history = _resume(ckpt, fingerprint, params, opt, gen)
     den = _frozen_denoiser(backbone, cfg)
     dtype = x_init.dtype
@@ -182,7 +177,8 @@ def distill(backbone, *, sigmas: torch.Tensor, x_init: torch.Tensor, targets: to
         opt.zero_grad(set_to_none=True)
         loss, per_step, feat = _accumulate(
             lambda sub, lab: _forward(backbone, den, params, x_init[sub].to(device), targets[sub].to(device),
-                                      [prompts[i] for i in sub.tolist()], sig, afs, cfg, feature_fn, lab, it, oom),
+                                      [prompts[i] for i in sub.tolist()], sig, afs, cfg, feature_fn, lab, it, oom,
+                                      plugin),
             idx, labels, cfg.micro_batch or len(idx), oom)
         rec = _optimizer_step(params, opt, it, loss, per_step, feat)
         history.append(rec)
@@ -262,10 +258,10 @@ def _out_of_memory(cfg: DistillConfig):
                                "distill.checkpoint_denoiser: true keeps one denoiser call's activations)")
 
 
-def _forward(backbone, den, params, x, target, prompts, sig, afs, cfg, feature_fn, labels, it, oom):
+def _forward(backbone, den, params, x, target, prompts, sig, afs, cfg, feature_fn, labels, it, oom, plugin=None):
     """The student's trajectory from ``x`` and its loss against the teacher states (checked finite)."""
     with oom():
-        out = sample_epd(den, x, sig, cond=backbone.prepare(prompts), table=params, afs=afs, grad=True,
+        out = sample_epd(den, x, sig, cond=backbone.prepare(prompts), table=params, afs=afs, grad=True, plugin=plugin,
                          return_trajectory=True, detach_between_steps=cfg.detach_between_steps, context=labels)
     traj = torch.stack(out.trajectory[1:], 1)
     loss, per_step, feat = _loss(traj, target, cfg, feature_fn)
@@ -334,7 +330,7 @@ def _save_checkpoint(ckpt: Path, state: dict) -> None:
     atomic_write_bytes(ckpt, buf.getvalue())
 
 
-def _fingerprint(cfg, sigmas, x_init, targets, num_points, afs, scale_dir, scale_time) -> str:
+def _fingerprint(cfg, sigmas, x_init, targets, num_points, afs, scale_dir, scale_time, plugin=None) -> str:
     """What a checkpoint must agree on to be resumed: settings, grid and the teacher set's initial noise."""
     import hashlib
 
@@ -342,7 +338,7 @@ def _fingerprint(cfg, sigmas, x_init, targets, num_points, afs, scale_dir, scale
     d = {k: v for k, v in asdict(cfg).items() if k != "save_every"}
     return config_hash({**d, "sigmas": [float(v) for v in sigmas.tolist()], "K": num_points, "afs": bool(afs),
                         "scale_dir": scale_dir, "scale_time": scale_time, "x_init": h,
-                        "targets": list(targets.shape)})
+                        "targets": list(targets.shape), **({"plugin": plugin} if plugin else {})})
 
 
 def metric_features(sec: dict, weights_dir, device="cpu"):

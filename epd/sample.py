@@ -23,6 +23,7 @@ from .io import atomic_path, atomic_write_json, config_hash, parse_seeds, read_j
 from .predictor import load as load_table
 from .prompts import pair, resolve_prompts
 from .solvers import TABLE_SOLVERS, solve
+from .solvers.learned import load_grid
 from .study import resolve_grid
 from .table import check_compatible
 
@@ -253,6 +254,8 @@ def add_arguments(p):
     p.add_argument("--nfe", type=int, default=None, help="paper-NFE for a baseline solver")
     p.add_argument("--steps", type=int, default=None, help="number of steps for a baseline solver")
     p.add_argument("--schedule", default=None, help="schedule name (default: the backbone's)")
+    p.add_argument("--sigmas", default=None, help="a learned time grid (grid.json of `epd peer ld3|gits`) for a "
+                   "baseline solver; the solver defaults to the grid's base solver")
     p.add_argument("--seeds", default="0-63", help="seed range, e.g. 0-63 or 1,5,9-11")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--prompt", default=None, help="one prompt for every seed")
@@ -275,15 +278,32 @@ def add_arguments(p):
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a rank waits for a dead peer (--gpus > 1)")
 
 
+def _learned_grid_solver(args, sec) -> str | None:
+    """The base solver of ``--sigmas FILE`` (checked: readable, this backbone's, no table, no --nfe/--steps)."""
+    if not getattr(args, "sigmas", None):
+        return None
+    if args.predictor_path or args.nfe is not None or args.steps is not None:
+        raise ConfigError("--sigmas: the learned grid fixes the steps; drop --predictor_path, --nfe and --steps")
+    grid = load_grid(args.sigmas, backbone=sec.get("kind"))
+    if (args.solver or grid["solver"]) in TABLE_SOLVERS:
+        raise ConfigError(f"--sigmas: a learned grid is for a baseline solver, not {args.solver!r}")
+    return grid["solver"]
+
+
+def _grid_extra(args) -> dict:
+    return {"sigmas_file": args.sigmas} if getattr(args, "sigmas", None) else {}
+
+
 def _setup(args):
     """Validate the arguments and resolve what every rank needs: (section, solver, table, prompts, seeds)."""
     from .config import backbone_section, load_config
 
     cfg = load_config(args.config)
     sec = backbone_section(cfg, args.backbone)
-    solver = args.solver or ("epd" if args.predictor_path else None)
+    grid_solver = _learned_grid_solver(args, sec)
+    solver = args.solver or ("epd" if args.predictor_path else None) or grid_solver
     if solver is None:
-        raise ConfigError("--solver: required unless --predictor_path is given")
+        raise ConfigError("--solver: required unless --predictor_path or --sigmas is given")
     table = None
     if args.predictor_path:
         if solver not in TABLE_SOLVERS:
@@ -322,11 +342,13 @@ def _sample(args, sec, solver, table, prompts, seeds, *, device, rank=0, world=1
 
     bb = load_backbone(sec, device=device, weights_dir=args.weights)
     st = sec.get("student") or {}
-    sigmas = resolve_grid(bb, solver, nfe=args.nfe, steps=args.steps, table=table,
-                          schedule=args.schedule or st.get("schedule"), afs=bool(st.get("afs", True)))
+    sigmas = load_grid(args.sigmas)["sigmas"] if getattr(args, "sigmas", None) else resolve_grid(
+        bb, solver, nfe=args.nfe, steps=args.steps, table=table, schedule=args.schedule or st.get("schedule"),
+        afs=bool(st.get("afs", True)))
     den = make_denoiser(bb, args.cuda_graphs)
     common = dict(solver=solver, outdir=args.outdir, sigmas=sigmas, table=table, batch=args.batch,
-                  subdirs=args.subdirs, label=args.label or solver, extra={"predictor_path": args.predictor_path})
+                  subdirs=args.subdirs, label=args.label or solver, extra={"predictor_path": args.predictor_path,
+                                                                         **_grid_extra(args)})
     if world == 1:
         return sample_to_dir(bb, seeds=seeds, prompts=prompts, grid=args.grid, save_latents=args.save_latents,
                              denoiser=den, **common)

@@ -18,14 +18,14 @@ import torch
 from epd.backbones.gmm import GMMDenoiser, make_gmm
 from epd.errors import ConfigError
 from epd.schedules import edm_polynomial
-from epd.solvers import SOLVERS, TABLE_SOLVERS, paper_nfe, solve, steps_for_nfe
+from epd.solvers import SOLVERS, TABLE_POINTS, TABLE_SOLVERS, paper_nfe, solve, steps_for_nfe
 from epd.table import uniform_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _recorder import CallRecorder  # noqa: E402
 
 NAMES = sorted(SOLVERS)
-B, N, K = 4, 6, 2  # images, grid points, points per EPD step
+B, N, K = 4, 6, 2  # images, grid points, points per EPD step (AMED's tables have one: TABLE_POINTS)
 STEPS = N - 1
 COND = torch.tensor([0, 1, 2, 1])
 SIGMAS = edm_polynomial(N, 0.002, 80.0)
@@ -57,9 +57,13 @@ def _x(dtype=torch.float64):
     return (torch.randn(B, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 80.0).to(dtype)
 
 
+def _k(name):
+    return TABLE_POINTS.get(name, K)
+
+
 def _run(name, den, x=None, *, afs=False, **kw):
     if name in TABLE_SOLVERS:
-        kw.setdefault("table", uniform_table(N, K, meta={"afs": afs}))
+        kw.setdefault("table", uniform_table(N, _k(name), meta={"afs": afs}))
     return solve(name, den, _x() if x is None else x, SIGMAS, cond=COND, **kw)
 
 
@@ -80,8 +84,9 @@ def test_forward_passes_count_points_and_cfg(name, afs, guidance):
     cfg = 2 if guidance != 1.0 else 1
     if name in TABLE_SOLVERS:
         probes = STEPS - int(afs)
-        assert den.rows == [B] * (1 - int(afs)) + [K * B] + [B, K * B] * (STEPS - 1)
-        assert out.forward_passes == (probes + K * STEPS) * cfg
+        k = _k(name)
+        assert den.rows == [B] * (1 - int(afs)) + [k * B] + [B, k * B] * (STEPS - 1)
+        assert out.forward_passes == (probes + k * STEPS) * cfg
     else:
         assert set(den.rows) == {B}
         assert out.forward_passes == out.nfe * cfg
@@ -100,7 +105,7 @@ def test_callback_once_per_step_with_documented_keys(name):
         assert float(info["sigma"]) == pytest.approx(float(SIGMAS[i]), rel=1e-15)
         assert float(info["sigma_next"]) == pytest.approx(float(SIGMAS[i + 1]), rel=1e-15)
         if name in TABLE_SOLVERS:
-            assert info["points"].shape == (B, K)
+            assert info["points"].shape == (B, _k(name))
     assert torch.equal(seen[-1]["x"], out.x)
 
 
@@ -128,7 +133,7 @@ def test_dtype_kept_and_deterministic(name, dtype):
 @pytest.mark.parametrize("name", NAMES)
 def test_table_only_for_table_solvers(name):
     den, _ = _denoiser()
-    table = uniform_table(N, K)
+    table = uniform_table(N, _k(name))
     if name in TABLE_SOLVERS:
         with pytest.raises(ConfigError, match="table"):
             solve(name, den, _x(), SIGMAS, cond=COND)
@@ -145,3 +150,11 @@ def test_denoise_to_zero_costs_one_evaluation(name):
     den, _ = _denoiser()
     out = _run(name, den, denoise_to_zero=True)
     assert out.paper_nfe == paper_nfe(name, N) + 1 == out.nfe
+
+
+@pytest.mark.parametrize("name", sorted(TABLE_POINTS))
+def test_fixed_point_count_is_enforced(name):
+    """A solver whose table has a fixed K (AMED: one point a step) refuses a table with another K, naming the field."""
+    den, _ = _denoiser()
+    with pytest.raises(ConfigError, match="num_points"):
+        solve(name, den, _x(), SIGMAS, cond=COND, table=uniform_table(N, TABLE_POINTS[name] + 1))

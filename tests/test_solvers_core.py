@@ -9,7 +9,7 @@ import torch
 from epd.backbones.gmm import GMMDenoiser, make_gmm, reference_solution
 from epd.errors import ConfigError, NonFiniteError
 from epd.schedules import discrete_vp, edm_polynomial, logsnr, time_uniform, vp_spacing
-from epd.solvers import SOLVERS, solve, steps_for_nfe
+from epd.solvers import SOLVERS, TABLE_POINTS, TABLE_SOLVERS, solve, steps_for_nfe
 from epd.table import EPDTable, uniform_table
 
 
@@ -234,6 +234,6 @@ def test_nan_in_denoiser_reported_with_step():
 def test_every_registered_solver_runs_deterministically():
     sig = edm_polynomial(5, 0.002, 80)
     for name in SOLVERS:
-        kw = {"table": uniform_table(5, 2)} if name.startswith("epd") else {}
+        kw = {"table": uniform_table(5, TABLE_POINTS.get(name, 2))} if name in TABLE_SOLVERS else {}
         a, b = solve(name, DEN, _x(), sig, cond=COND, **kw).x, solve(name, DEN, _x(), sig, cond=COND, **kw).x
         assert torch.equal(a, b) and torch.isfinite(a).all()

@@ -126,7 +126,8 @@ def test_study_rows_of_the_default_study():
 
     rows = study_rows(load_config("configs/default.yaml")["backbones"]["digits"])
     base = [(s, n) for s in ("euler", "dpmpp_2m", "dpmpp_3m", "unipc", "ipndm") for n in (3, 5, 7, 9)]
-    assert rows == base + [("epd_distilled", n) for n in (3, 5, 7, 9)] + [("epd_rdpo", 5)]
+    peers = [(p, n) for p in ("amed", "amed_plugin", "ld3_dpmpp_2m", "gits_ipndm", "gits_dpmpp_2m") for n in (3, 5, 7, 9)]
+    assert rows == base + [("epd_distilled", n) for n in (3, 5, 7, 9)] + [("epd_rdpo", 5)] + peers
     sec = dict(load_config("configs/sd15.yaml")["backbones"]["sd15"], nfes=[5, 10])
     rows = study_rows(sec)
     assert ("heun", 10) in rows and ("heun", 5) not in rows and ("euler", 5) in rows

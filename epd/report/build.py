@@ -10,11 +10,11 @@ from pathlib import Path
 
 from ..errors import ConfigError, EPDError
 from ..io import atomic_write_text, sha256_file
-from . import grids, plots, render
+from . import compute_matched, grids, plots, render
 from .export import history_path, num, read_history, read_runs, run_field, select_latest
 from .external import IR_NOTE, ORIGINAL_SOURCE, parse_external_arg, read_external
-from .tables import (PIPELINE, Row, ScoreCache, add_paired, mark_best, metric_columns, order_rows, rows_from_runs,
-                     unique_labels)
+from .tables import (PIPELINE, Row, ScoreCache, add_paired, higher_is_better, mark_best, metric_columns, order_rows,
+                     rows_from_runs, unique_labels)
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,10 @@ def _write_backbone(bb: str, rows: list[Row], runs: list[dict], history: dict, o
     atomic_write_text(d / "table.md", render.markdown(bb, rows, metrics, notes, within))
     atomic_write_text(d / "table.tex", render.latex(bb, rows, metrics, notes, within))
     atomic_write_text(d / "table.csv", render.csv_text(bb, rows, metrics))
+    if view := compute_matched.report_view(rows, metrics, scores, higher_is_better):
+        atomic_write_text(d / "compute_matched.md", view)
+    elif (d / "compute_matched.md").exists():  # no EPD row with a candidate now: no view left from an older build
+        (d / "compute_matched.md").unlink()
     distill, rdpo = _stage_runs(runs, "distill", bb), _stage_runs(runs, "rdpo", bb)
     made = {"metric_vs_nfe.png": plots.metric_vs_nfe(rows, metrics, d / "metric_vs_nfe.png", bb),
             "rdpo_curves.png": plots.rdpo_curves(rdpo, history, d / "rdpo_curves.png", f"{bb}: RDPO"),

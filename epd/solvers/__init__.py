@@ -16,13 +16,14 @@ import functools
 import torch
 
 from ..errors import ConfigError
+from .amed import sample_amed, sample_amed_plugin
 from .common import SolverOutput, append_zero, check_final_finite
 from .epd import sample_epd, sample_epd_ipndm
 from .multistep import sample_dpmpp_2m, sample_dpmpp_3m, sample_dpmpp_3m_diffusers, sample_ipndm, sample_ipndm_v, sample_unipc
-from .nfe import TABLE_SOLVERS, paper_nfe, steps_for_nfe
+from .nfe import TABLE_POINTS, TABLE_SOLVERS, paper_nfe, steps_for_nfe
 from .single_step import sample_dpm2, sample_euler, sample_heun
 
-__all__ = ["SOLVERS", "TABLE_SOLVERS", "get_solver", "solve", "SolverOutput", "paper_nfe", "steps_for_nfe"]
+__all__ = ["SOLVERS", "TABLE_SOLVERS", "TABLE_POINTS", "get_solver", "solve", "SolverOutput", "paper_nfe", "steps_for_nfe"]
 
 SOLVERS = {
     "euler": sample_euler,
@@ -38,6 +39,8 @@ SOLVERS = {
     "ipndm_v": sample_ipndm_v,
     "epd": sample_epd,
     "epd_ipndm": sample_epd_ipndm,
+    "amed": sample_amed,
+    "amed_plugin": sample_amed_plugin,
 }
 
 

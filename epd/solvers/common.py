@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -11,7 +12,8 @@ import torch
 from ..denoiser import batch_of
 from ..errors import ConfigError, NonFiniteError
 
-__all__ = ["SolverOutput", "CountingDenoiser", "check_sigmas", "check_final_finite", "to_d", "append_zero"]
+__all__ = ["SolverOutput", "CountingDenoiser", "check_sigmas", "check_final_finite", "to_d", "append_zero",
+           "no_grad_unless_asked"]
 
 
 @dataclass
@@ -149,3 +151,15 @@ def sig(sigmas: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
 
 def log_ratio(a: float, b: float) -> float:
     return math.log(a) - math.log(b)
+
+
+def no_grad_unless_asked(fn):
+    """Run ``fn`` without autograd (as ``torch.no_grad``) unless called with ``grad=True``: learned time grids
+    (LD3) differentiate a baseline's final state with respect to its noise levels and initial state."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, grad: bool = False, **kw):
+        with torch.set_grad_enabled(grad):
+            return fn(*args, **kw)
+
+    return wrapper

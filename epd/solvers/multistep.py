@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import SolverOutput, check_sigmas, new_counter, sig, to_d
+from .common import SolverOutput, check_sigmas, new_counter, no_grad_unless_asked, sig, to_d
 
 
 def _lam(s: torch.Tensor) -> torch.Tensor:
@@ -29,7 +29,7 @@ def _dpmpp_order(i: int, n_steps: int, order: int, history: int, sigma_next, low
     return o
 
 
-@torch.no_grad()
+@no_grad_unless_asked
 def sample_dpmpp_multistep(denoiser, x, sigmas, *, order: int = 2, cond=None, table=None, callback=None,
                            lower_order_final: bool = True, variant: str = "exact", return_trajectory=False,
                            context=""):
@@ -159,7 +159,7 @@ def _unipc_correct(x_prev, s0, t, m_t, ms, lams, order):
     return x_t - B_h * (corr + rhos[-1] * (m_t - m0))
 
 
-@torch.no_grad()
+@no_grad_unless_asked
 def sample_unipc(denoiser, x, sigmas, *, order: int = 2, cond=None, table=None, callback=None,
                  lower_order_final: bool = True, use_corrector: bool = True, return_trajectory=False,
                  context=""):
@@ -230,7 +230,6 @@ def ab_variable_weights(sigmas_hist: list[float], sigma_next: float) -> list[flo
     return torch.linalg.solve(A, b).tolist()
 
 
-@torch.no_grad()
 def _sample_adams_bashforth(denoiser, x, sigmas, max_order, variable_steps, cond, callback, return_trajectory,
                             context):
     """Adams-Bashforth on the slope history, order ramping 1..max_order; fixed equal-step coefficients
@@ -261,6 +260,7 @@ def _sample_adams_bashforth(denoiser, x, sigmas, max_order, variable_steps, cond
     return SolverOutput(x, D.calls, D.forward_passes, D.calls, traj)
 
 
+@no_grad_unless_asked
 def sample_ipndm_v(denoiser, x, sigmas, *, max_order: int = 4, cond=None, table=None, callback=None,
                    return_trajectory=False, context=""):
     """iPNDM with variable-step Adams-Bashforth weights (``ipndm_v``): keeps its order on unequal grids such as
@@ -268,6 +268,7 @@ def sample_ipndm_v(denoiser, x, sigmas, *, max_order: int = 4, cond=None, table=
     return _sample_adams_bashforth(denoiser, x, sigmas, max_order, True, cond, callback, return_trajectory, context)
 
 
+@no_grad_unless_asked
 def sample_ipndm(denoiser, x, sigmas, *, max_order: int = 4, cond=None, table=None, callback=None,
                  return_trajectory=False, context=""):
     """Improved PNDM (Zhang & Chen 2023): Adams-Bashforth on the slope, order ramping 1..max_order."""

@@ -6,7 +6,8 @@ evaluations per step, less those the analytic first step saves::
     paper NFE = evals_per_step * (N - 1) - saved       # EPD: 2 (N - 1) - [afs]
 
 EPD counts its K parallel points as one evaluation (they run in one batched call), so EPD and EPD-Plugin spend
-two per step: the probe and the K points; the analytic first step (AFS) replaces the first probe. Heun and
+two per step: the probe and the K points; the analytic first step (AFS) replaces the first probe. AMED-Solver and
+AMED-Plugin are EPD with one point (K = 1) and count the same way. Heun and
 DPM-Solver-2 spend two, every other baseline one. The solvers, the graphed samplers and the registry all read
 the count here.
 """
@@ -15,9 +16,11 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 
-__all__ = ["TABLE_SOLVERS", "paper_nfe", "steps_for_nfe"]
+__all__ = ["TABLE_SOLVERS", "TABLE_POINTS", "paper_nfe", "steps_for_nfe"]
 
-TABLE_SOLVERS = {"epd", "epd_ipndm"}  # solvers that take an EPD parameter table
+TABLE_SOLVERS = {"epd", "epd_ipndm", "amed", "amed_plugin"}  # solvers that take an EPD parameter table
+# points per step a table solver's table must have (absent: any K); AMED is EPD with one point
+TABLE_POINTS = {"amed": 1, "amed_plugin": 1}
 TWO_EVAL_SOLVERS = ("heun", "dpm2")  # baselines with a second (corrector / midpoint) evaluation per step
 
 

@@ -14,7 +14,7 @@ from epd.cli import main as cli_main
 from epd.errors import EPDError, NonFiniteError
 from epd.rdpo.trainer import MultiReward, RDPOConfig, RDPOTrainer
 from epd.sample import sample_batch
-from epd.solvers import SOLVERS, TABLE_SOLVERS
+from epd.solvers import SOLVERS, TABLE_POINTS, TABLE_SOLVERS
 from epd.table import uniform_table
 
 from .harness import visible_files
@@ -60,7 +60,7 @@ def test_denoiser_nan_names_step_seed_prompt(solver, at_step, row, value):
     tracker = StepTracker()
     bb.denoiser = PoisonedDenoiser(bb.denoiser, tracker, at_step, row, len(SEEDS), value)
     sigmas = bb.sigmas(6)  # five steps
-    table = uniform_table(6, 2, meta={"afs": False}) if solver in TABLE_SOLVERS else None
+    table = uniform_table(6, TABLE_POINTS.get(solver, 2), meta={"afs": False}) if solver in TABLE_SOLVERS else None
     with pytest.raises(NonFiniteError) as e:
         sample_batch(bb, solver, SEEDS, PROMPTS, sigmas, table, callback=tracker)
     msg = str(e.value)
@@ -72,7 +72,7 @@ def test_clean_run_passes_the_same_checks():
     """Control: without poison every solver finishes (the checks do not fire on finite values)."""
     bb = _gmm()
     for solver in sorted(SOLVERS):
-        table = uniform_table(6, 2, meta={"afs": False}) if solver in TABLE_SOLVERS else None
+        table = uniform_table(6, TABLE_POINTS.get(solver, 2), meta={"afs": False}) if solver in TABLE_SOLVERS else None
         x, _, _ = sample_batch(bb, solver, SEEDS, PROMPTS, bb.sigmas(6), table)
         assert torch.isfinite(x).all()
 

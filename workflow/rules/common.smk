@@ -11,6 +11,7 @@ from snakemake.utils import min_version, validate
 
 from epd.backbones import backbone_class
 from epd.config import TABLE_LABELS, check_study, study_rows
+from epd.solvers.learned import parse_peer
 from epd.errors import ConfigError
 from epd.report.grids import grid_names
 
@@ -100,6 +101,7 @@ def all_targets():
         out += [f"{RESULTS}/{b}/samples/{s}/nfe{n}/summary.json" for s, n in pairs]
         out += [f"{RESULTS}/{b}/eval/{s}/nfe{n}/summary.json" for s, n in pairs]
         out += [table_for(b, s, n) for s, n in pairs if s in TABLE_LABELS]
+        out += [peer_file(b, s, n) for s, n in pairs if is_peer(b, s)]
     return out
 
 
@@ -142,11 +144,23 @@ def table_for(b, s, nfe):
     return distilled_table(b, nfe) if s == "epd_distilled" else rdpo_table(b, nfe)
 
 
+def peer_file(b, s, nfe):
+    """What a learned-peer row samples with: an AMED table or a learned grid (``epd peer ...``)."""
+    name = "table.safetensors" if parse_peer(s)[0] == "amed" else "grid.json"
+    return f"{RESULTS}/{b}/peers/{s}/nfe{nfe}/{name}"
+
+
+def is_peer(b, s):
+    return s in (sec(b).get("peers") or {}).get("solvers", [])
+
+
 def sample_inputs(wildcards):
     b, s, n = wildcards.b, wildcards.solver, wildcards.nfe
     ins = {"backbone": backbone_input(wildcards)}
     if s in TABLE_LABELS:
         ins["table"] = table_for(b, s, n)
+    if is_peer(b, s):
+        ins["peer"] = peer_file(b, s, n)
     return ins
 
 
@@ -156,6 +170,8 @@ def sample_args(wildcards, input):
         return f"--solver epd --predictor_path {input.table}"
     if s.startswith("released_"):
         return f"--solver epd --predictor_path {sec(b)['predictors'][s[len('released_'):]]}"
+    if is_peer(b, s):
+        return f"--solver {s} --predictor_path {input.peer}" if parse_peer(s)[0] == "amed" else f"--sigmas {input.peer}"
     return f"--solver {s} --nfe {n}"
 
 
