@@ -369,27 +369,27 @@ def run(args):
     from . import tracking
     from .backbones import load_backbone
     from .config import backbone_section, load_config
-    from .study import load_teacher, student_setup, teacher_sigmas
+    from .study import load_teacher, study_spec, teacher_sigmas
 
     cfg = load_config(args.config)
     sec = backbone_section(cfg, args.backbone)
-    st = student_setup(sec, args.nfe)
+    spec = study_spec(sec, args.nfe)
     dcfg = DistillConfig.from_dict(sec.get("distill"))
     bb = load_backbone(sec, device=args.device, weights_dir=args.weights)
-    student, _ = teacher_sigmas(bb, st["num_points_grid"], 0, st["schedule"], st["rho"])
+    student, _ = teacher_sigmas(bb, spec.N, 0, spec.schedule, spec.rho)
     manifest, x_init, states = load_teacher(args.teacher, expect_sigmas=student)
-    meta = {"backbone": sec.get("kind", args.backbone), "schedule_type": st["schedule"] or bb.default_schedule,
-            "schedule_rho": st["rho"], "sigma_min": float(student[-1]), "sigma_max": float(student[0]),
+    meta = {"backbone": sec.get("kind", args.backbone), "schedule_type": spec.schedule or bb.default_schedule,
+            "schedule_rho": spec.rho, "sigma_min": float(student[-1]), "sigma_max": float(student[0]),
             "coords": bb.coords, "guidance_rate": sec.get("guidance"), "guidance_type": "cfg",
             "sampler_stu": "epd", "sampler_tea": manifest["solver"], "M": manifest["M"],
             "dataset_name": args.backbone}
-    params = {"nfe": args.nfe, "K": st["K"], "afs": st["afs"], **asdict(dcfg), "teacher_hash": manifest["config_hash"]}
+    params = {"nfe": args.nfe, "K": spec.K, "afs": spec.afs, **asdict(dcfg), "teacher_hash": manifest["config_hash"]}
     with tracking.start_run("distill", backbone=args.backbone, params=params,
                             tags={"nfe": args.nfe, "teacher": str(args.teacher),
                                   "table": str(Path(args.out) / "table.safetensors")}) as r:
         table = distill(bb, sigmas=student, x_init=x_init, targets=states, prompts=manifest["prompts"],
-                        num_points=st["K"], afs=st["afs"], cfg=dcfg, out_dir=args.out, scale_dir=st["scale_dir"],
-                        scale_time=st["scale_time"], meta=meta, run=r, seeds=manifest.get("seeds"),
+                        num_points=spec.K, afs=spec.afs, cfg=dcfg, out_dir=args.out, scale_dir=spec.scale_dir,
+                        scale_time=spec.scale_time, meta=meta, run=r, seeds=manifest.get("seeds"),
                         feature_fn=metric_features(sec, args.weights, args.device) if dcfg.feature_weight > 0 else None)
         r.artifact(Path(args.out) / "table.json")
     print(table.summary())

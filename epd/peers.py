@@ -194,19 +194,19 @@ def run(args):
 
 def _run_amed(args, sec, bb) -> str:
     from .distill import DistillConfig, metric_features
-    from .study import load_teacher, student_setup, teacher_sigmas
+    from .study import load_teacher, study_spec, teacher_sigmas
 
-    st = student_setup(sec, args.nfe)
+    spec = study_spec(sec, args.nfe)
     dcfg = DistillConfig.from_dict(sec.get("distill"))
-    student, _ = teacher_sigmas(bb, st["num_points_grid"], 0, st["schedule"], st["rho"])
+    student, _ = teacher_sigmas(bb, spec.N, 0, spec.schedule, spec.rho)
     man, x, s = load_teacher(args.teacher, expect_sigmas=student)
-    meta = {"backbone": sec.get("kind", args.backbone), "schedule_type": st["schedule"] or bb.default_schedule,
-            "schedule_rho": st["rho"], "sigma_min": float(student[-1]), "sigma_max": float(student[0]),
+    meta = {"backbone": sec.get("kind", args.backbone), "schedule_type": spec.schedule or bb.default_schedule,
+            "schedule_rho": spec.rho, "sigma_min": float(student[-1]), "sigma_max": float(student[0]),
             "coords": bb.coords, "guidance_rate": sec.get("guidance"), "sampler_tea": man["solver"], "M": man["M"],
             "dataset_name": args.backbone}
     feats = metric_features(sec, args.weights, args.device) if dcfg.feature_weight > 0 else None
     table = train_amed(bb, solver=args.solver, sigmas=student, x_init=x, targets=s, prompts=man["prompts"],
-                       afs=st["afs"], dcfg=dcfg, out_dir=args.out, scale_dir=st["scale_dir"], meta=meta,
+                       afs=spec.afs, dcfg=dcfg, out_dir=args.out, scale_dir=spec.scale_dir, meta=meta,
                        feature_fn=feats, seeds=man.get("seeds"))
     return table.summary()
 

@@ -4,6 +4,7 @@ import these from here, never from another stage's command module."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,19 +13,48 @@ from .errors import ConfigError, EPDError
 from .io import read_json
 from .solvers import steps_for_nfe
 
-__all__ = ["student_setup", "teacher_sigmas", "resolve_grid", "load_teacher"]
+__all__ = ["StudySpec", "study_spec", "teacher_sigmas", "resolve_grid", "load_teacher"]
 
 
-def student_setup(section: dict, nfe: int) -> dict:
-    """The student's grid settings for paper-NFE ``nfe`` from a backbone config section's ``student`` block."""
-    st = dict(section.get("student") or {})
-    afs = bool(st.get("afs", True))
-    K = int(st.get("num_points", 2))
-    if K < 1:
-        raise ConfigError(f"student.num_points: K must be >= 1, got {K}")
-    return {"num_points_grid": steps_for_nfe("epd", nfe, afs), "K": K, "afs": afs,
-            "schedule": st.get("schedule"), "rho": st.get("rho"),
-            "scale_dir": float(st.get("scale_dir", 0.0)), "scale_time": float(st.get("scale_time", 0.0))}
+@dataclass(frozen=True)
+class StudySpec:
+    """What the stages of one backbone at one paper NFE share, built once from a validated config section.
+
+    Attributes:
+        nfe (`int`): the paper NFE, ``2 (N - 1) - afs``.
+        N (`int`): grid points of the student (``N - 1`` steps).
+        K (`int`): points per EPD step (``student.num_points``).
+        afs (`bool`): analytic first step.
+        schedule (`str`, *optional*): the grid's schedule (None: the backbone's default); ``rho`` its exponent.
+        scale_dir (`float`), scale_time (`float`): the table's direction and time scale ranges.
+        teacher_solver (`str`), M (`int`): the teacher's solver and the steps it inserts between two student points.
+        teacher_seeds (`str`), teacher_batch (`int`): the teacher set's seeds and batch.
+    """
+
+    nfe: int
+    N: int
+    K: int
+    afs: bool
+    schedule: str | None
+    rho: float | None
+    scale_dir: float
+    scale_time: float
+    teacher_solver: str
+    M: int
+    teacher_seeds: str
+    teacher_batch: int
+
+
+def study_spec(section: dict, nfe: int) -> StudySpec:
+    """The :class:`StudySpec` of paper-NFE ``nfe`` from a backbone section of a loaded config (schema defaults filled
+    in: ``student`` and ``teacher`` blocks)."""
+    st, tea = section["student"], section["teacher"]
+    if st["num_points"] < 1:
+        raise ConfigError(f"student.num_points: K must be >= 1, got {st['num_points']}")
+    return StudySpec(nfe=nfe, N=steps_for_nfe("epd", nfe, st["afs"]), K=int(st["num_points"]), afs=bool(st["afs"]),
+                     schedule=st.get("schedule"), rho=st.get("rho"), scale_dir=float(st["scale_dir"]),
+                     scale_time=float(st["scale_time"]), teacher_solver=tea["solver"], M=int(tea["M"]),
+                     teacher_seeds=tea["seeds"], teacher_batch=int(tea["batch"]))
 
 
 def _sigmas(backbone, n, schedule, rho):

@@ -21,7 +21,7 @@ from .errors import EPDError
 from .io import atomic_path, atomic_write_json, config_hash, parse_seeds, read_json
 from .prompts import pair, resolve_prompts
 from .solvers import solve
-from .study import student_setup, teacher_sigmas
+from .study import study_spec, teacher_sigmas
 
 log = logging.getLogger(__name__)
 
@@ -89,17 +89,16 @@ def run(args):
 
     cfg = load_config(args.config)
     sec = backbone_section(cfg, args.backbone)
-    tea = sec["teacher"]  # the schema fills its defaults
-    st = student_setup(sec, args.nfe)
-    seeds = parse_seeds(args.seeds or tea["seeds"])
-    prompts = resolve_prompts(tea.get("prompts") or sec.get("prompts", {}).get("train", "builtin:digits"))
+    spec = study_spec(sec, args.nfe)
+    seeds = parse_seeds(args.seeds or spec.teacher_seeds)
+    prompts = resolve_prompts(sec["teacher"].get("prompts") or sec.get("prompts", {}).get("train", "builtin:digits"))
     bb = load_backbone(sec, device=args.device, weights_dir=args.weights)
-    params = {"nfe": args.nfe, "solver": tea["solver"], "M": tea["M"],
-              "grid_points": st["num_points_grid"], "seeds": f"{seeds[0]}-{seeds[-1]} ({len(seeds)})"}
+    params = {"nfe": args.nfe, "solver": spec.teacher_solver, "M": spec.M,
+              "grid_points": spec.N, "seeds": f"{seeds[0]}-{seeds[-1]} ({len(seeds)})"}
     with tracking.start_run("teacher", backbone=args.backbone, params=params, tags={"nfe": args.nfe}) as r:
-        m = generate(bb, prompts=prompts, seeds=seeds, num_points=st["num_points_grid"], M=params["M"],
-                     solver=params["solver"], out_dir=args.out, batch=tea["batch"],
-                     schedule=st["schedule"], rho=st["rho"])
+        m = generate(bb, prompts=prompts, seeds=seeds, num_points=spec.N, M=params["M"],
+                     solver=params["solver"], out_dir=args.out, batch=spec.teacher_batch,
+                     schedule=spec.schedule, rho=spec.rho)
         r.metrics({"teacher_nfe": m["teacher_nfe"], "seconds": m["seconds"]})
     print(f"teacher set: {len(seeds)} trajectories, {m['teacher_nfe']} NFE each -> {args.out}")
     return 0

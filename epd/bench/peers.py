@@ -17,7 +17,7 @@ from ..predictor import load
 from ..prompts import pair, resolve_prompts
 from ..solvers import steps_for_nfe
 from ..solvers.learned import load_grid, parse_peer, save_grid
-from ..study import load_teacher, student_setup, teacher_sigmas
+from ..study import load_teacher, study_spec, teacher_sigmas
 
 DEFAULT_PEERS = ("amed", "amed_plugin", "ld3_dpmpp_2m", "gits_ipndm", "gits_dpmpp_2m")
 
@@ -30,23 +30,23 @@ def peer_labels(sec: dict) -> list[str]:
 
 
 def _teacher(bb, sec, nfe, workdir):
-    st = student_setup(sec, nfe)
-    student, _ = teacher_sigmas(bb, st["num_points_grid"], 0, st["schedule"], st["rho"])
-    return st, student, load_teacher(workdir / f"teacher_nfe{nfe}", student)
+    spec = study_spec(sec, nfe)
+    student, _ = teacher_sigmas(bb, spec.N, 0, spec.schedule, spec.rho)
+    return spec, student, load_teacher(workdir / f"teacher_nfe{nfe}", student)
 
 
 def amed_table(bb, sec, nfe, solver, workdir: Path, weights_dir):
     out = workdir / f"{solver}_nfe{nfe}"
     if (out / "table.safetensors").exists():
         return load(out / "table.safetensors")
-    st, student, (man, x, s) = _teacher(bb, sec, nfe, workdir)
+    spec, student, (man, x, s) = _teacher(bb, sec, nfe, workdir)
     dcfg = DistillConfig.from_dict(sec.get("distill"))
-    meta = {"backbone": sec.get("kind", "digits"), "schedule_type": st["schedule"] or bb.default_schedule,
+    meta = {"backbone": sec.get("kind", "digits"), "schedule_type": spec.schedule or bb.default_schedule,
             "sigma_min": float(student[-1]), "sigma_max": float(student[0]), "coords": bb.coords,
             "guidance_rate": sec.get("guidance"), "sampler_tea": man["solver"], "M": man["M"]}
     feats = metric_features(sec, weights_dir) if dcfg.feature_weight > 0 else None
-    return train_amed(bb, solver=solver, sigmas=student, x_init=x, targets=s, prompts=man["prompts"], afs=st["afs"],
-                      dcfg=dcfg, out_dir=out, scale_dir=st["scale_dir"], meta=meta, feature_fn=feats)
+    return train_amed(bb, solver=solver, sigmas=student, x_init=x, targets=s, prompts=man["prompts"], afs=spec.afs,
+                      dcfg=dcfg, out_dir=out, scale_dir=spec.scale_dir, meta=meta, feature_fn=feats)
 
 
 def learned_grid(bb, sec, nfe, method, solver, workdir: Path) -> torch.Tensor:
@@ -76,6 +76,6 @@ def peer_run(bb, sec, nfe, label, workdir: Path, weights_dir) -> tuple[str, torc
     method, solver = parse_peer(label)
     if method == "amed":
         table = amed_table(bb, sec, nfe, solver, workdir, weights_dir)
-        st = student_setup(sec, nfe)
-        return solver, bb.sigmas(table.num_steps, st["schedule"]), table, {"K": 1, "afs": st["afs"]}
+        spec = study_spec(sec, nfe)
+        return solver, bb.sigmas(table.num_steps, spec.schedule), table, {"K": 1, "afs": spec.afs}
     return solver, learned_grid(bb, sec, nfe, method, solver, workdir), None, {"method": method}

@@ -68,10 +68,10 @@ def bench_solvers(config: str, workdir: Path, weights: str | None = None, nfes=(
             x, imgs, out = run_solver(bb, name, seeds, prompts, sig)
             rows.append({"solver": name, "nfe": out.paper_nfe, "steps": len(sig) - 1,
                          "forward_passes": out.forward_passes, **measure(x, imgs)})
-        table, st = distilled_table(bb, sec, nfe, workdir, wdir)
-        x, imgs, out = run_solver(bb, "epd", seeds, prompts, bb.sigmas(table.num_steps, st["schedule"]), table=table)
+        table, spec = distilled_table(bb, sec, nfe, workdir, wdir)
+        x, imgs, out = run_solver(bb, "epd", seeds, prompts, bb.sigmas(table.num_steps, spec.schedule), table=table)
         rows.append({"solver": "epd_distilled", "nfe": out.paper_nfe, "steps": table.num_steps - 1,
-                     "forward_passes": out.forward_passes, "K": table.num_points, "afs": st["afs"],
+                     "forward_passes": out.forward_passes, "K": table.num_points, "afs": spec.afs,
                      **measure(x, imgs)})
     summary = _summarise(rows)
     peers = peer_labels(sec)

@@ -16,7 +16,7 @@ import torch
 from ..config import backbone_section, load_config
 from ..distill import DistillConfig, distill, metric_features
 from ..prompts import pair, resolve_prompts
-from ..study import load_teacher, student_setup, teacher_sigmas
+from ..study import load_teacher, study_spec, teacher_sigmas
 from ..teacher import generate
 
 
@@ -52,27 +52,24 @@ def distilled_table(bb, sec: dict, nfe: int, workdir: Path, weights_dir=None):
     from ..io import parse_seeds
     from ..predictor import load
 
-    st = student_setup(sec, nfe)
+    spec = study_spec(sec, nfe)
     out = workdir / f"distill_nfe{nfe}"
     if (out / "table.safetensors").exists():
-        return load(out / "table.safetensors"), st
-    tea = dict(sec.get("teacher") or {})
+        return load(out / "table.safetensors"), spec
     prompts = resolve_prompts((sec.get("prompts") or {}).get("train", "builtin:digits"))
-    seeds = parse_seeds(tea.get("seeds", "0-1023"))
-    generate(bb, prompts=prompts, seeds=seeds, num_points=st["num_points_grid"], M=int(tea.get("M", 19)),
-             solver=tea.get("solver", "heun"), out_dir=workdir / f"teacher_nfe{nfe}", batch=int(tea.get("batch", 256)),
-             schedule=st["schedule"], rho=st["rho"])
-    student, _ = teacher_sigmas(bb, st["num_points_grid"], 0, st["schedule"], st["rho"])
+    generate(bb, prompts=prompts, seeds=parse_seeds(spec.teacher_seeds), num_points=spec.N, M=spec.M,
+             solver=spec.teacher_solver, out_dir=workdir / f"teacher_nfe{nfe}", batch=spec.teacher_batch,
+             schedule=spec.schedule, rho=spec.rho)
+    student, _ = teacher_sigmas(bb, spec.N, 0, spec.schedule, spec.rho)
     man, x, s = load_teacher(workdir / f"teacher_nfe{nfe}", student)
-    meta = {"backbone": sec.get("kind", "digits"), "schedule_type": st["schedule"] or bb.default_schedule,
+    meta = {"backbone": sec.get("kind", "digits"), "schedule_type": spec.schedule or bb.default_schedule,
             "sigma_min": float(student[-1]), "sigma_max": float(student[0]), "coords": bb.coords,
             "guidance_rate": sec.get("guidance"), "sampler_tea": man["solver"], "M": man["M"]}
     dcfg = DistillConfig.from_dict(sec.get("distill"))
-    table = distill(bb, sigmas=student, x_init=x, targets=s, prompts=man["prompts"], num_points=st["K"],
-                    afs=st["afs"], cfg=dcfg, out_dir=out,
-                    scale_dir=st["scale_dir"], scale_time=st["scale_time"], meta=meta,
+    table = distill(bb, sigmas=student, x_init=x, targets=s, prompts=man["prompts"], num_points=spec.K,
+                    afs=spec.afs, cfg=dcfg, out_dir=out, scale_dir=spec.scale_dir, scale_time=spec.scale_time, meta=meta,
                     feature_fn=metric_features(sec, weights_dir) if dcfg.feature_weight > 0 else None)
-    return table, st
+    return table, spec
 
 
 def eval_set(sec: dict, n: int, offset: int = 900000) -> tuple[list[int], list[str]]:
