@@ -24,6 +24,9 @@ def add_arguments(p):
     p.add_argument("--gpus", type=int, default=1,
                    help="data-parallel processes, one per GPU (with --device cpu: gloo ranks on the CPU); the global "
                         "batch and the result do not depend on it")
+    p.add_argument("--shard-update", action="store_true",
+                   help="with --gpus > 1: split each PPO minibatch over the ranks and all-reduce the gradients (default: "
+                        "every rank computes the small policy update itself, identical to one process bit for bit)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a rank waits for a dead peer (--gpus > 1)")
 
 
@@ -112,7 +115,8 @@ def _train(args, rank: int = 0, world: int = 1, device: str | None = None) -> in
         with (tracking.start_run("rdpo", backbone=args.backbone, params=asdict(rcfg), tags=tags) if rank == 0
               else contextlib.nullcontext(tracking.Run(None))) as r:
             trainer = RDPOTrainer(bb, table, sigmas, reward, tp, ep, es, rcfg, args.out, rank=rank, world=world,
-                                  run=r, guard=make_guard(rcfg, args.weights, device or args.device), preempt=preempt)
+                                  run=r, guard=make_guard(rcfg, args.weights, device or args.device), preempt=preempt,
+                                  shard_update=getattr(args, "shard_update", False))
             best = trainer.train()
             if trainer.preempted:
                 r.tags({"preempted_at_step": trainer.step})

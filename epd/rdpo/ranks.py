@@ -1,11 +1,14 @@
 """Data parallelism for RDPO: the collectives the trainer needs, and ``--gpus G`` worker processes.
 
 Every rank draws the *global* rollout batch's prompts, latent seeds and sampled tables from the same generators
-(cheap), then rolls out and scores only its contiguous shard of images (the expensive part). Rewards are
-all-gathered, so advantages are computed over the global batch exactly as on one process. Each PPO minibatch is
-split over the ranks; each rank's loss is its share of the minibatch mean, and the gradients are all-reduced
-(summed) before clipping and the AdamW step, so every rank applies the same update. The held-out evaluation is
-sharded the same way. Only rank 0 writes files and logs to MLflow.
+(cheap), then rolls out and scores only its contiguous shard of images (the expensive part: denoiser, decoder,
+reward models). Rewards are all-gathered, so advantages are computed over the global batch exactly as on one
+process. The policy update is tiny next to the rollouts; by default every rank computes it on the whole minibatch,
+which keeps the ranks and the one-process run identical bit for bit. With ``--shard-update`` each PPO minibatch is
+split over the ranks instead: each rank's loss is its share of the minibatch mean and the gradients are
+all-reduced (summed) before clipping and the AdamW step (every rank still applies the same update; float32
+summation order makes it differ from one process by rounding). The held-out evaluation is sharded like the
+rollouts. Only rank 0 writes files and logs to MLflow.
 
 Launch: ``epd rdpo --gpus G`` spawns G workers (NCCL, one GPU each, with ``--device cuda``; gloo on the CPU with
 ``--device cpu``). Under ``torchrun`` (``WORLD_SIZE``/``RANK`` set) ``epd rdpo`` joins that process group instead.
