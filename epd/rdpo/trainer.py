@@ -257,14 +257,6 @@ class RDPOTrainer:
         if overlap and len(set(train_prompts)) > len(overlap):
             log.warning("%d held-out evaluation prompts also appear in the rollout stream", len(overlap))
 
-    @property
-    def rank(self) -> int:
-        return self.ranks.rank
-
-    @property
-    def world(self) -> int:
-        return self.ranks.world
-
     # ------------------------------------------------------------------ prompts and seeds
     def prompts_for_step(self, step: int) -> list[str]:
         """Prompt-major global batch for PPO step ``step`` (0-based): ``B/k`` prompts, each k times."""
