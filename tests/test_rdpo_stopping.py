@@ -93,3 +93,13 @@ def test_live_stop_equals_rule_replayed_on_the_full_run(tmp_path):
     again = tiny_trainer(tmp_path / "live", steps=12, stop_patience=2, stop_min_gain_se=25.0)
     again.train()  # a finished (stopped) run does not train on when its command runs again
     assert again.step == live.step and table_bytes(tmp_path / "live") == before
+
+
+def test_report_notes_name_the_selected_step_and_the_reason():
+    from epd.report.build import _rdpo_stop_notes
+
+    runs = [{"run_id": "a", "nfe": 5.0, "tags.stop_reason": "plateau: no held-out gain of >= 1 SE over step 40 in "
+             "3 evaluation(s)", "tags.selected_step": "40"},
+            {"run_id": "b", "nfe": 7.0, "tags.preempted_at_step": "12"}]  # an interrupted run: nothing to say
+    assert _rdpo_stop_notes(runs) == ["RDPO NFE 5: table from step 40 (best held-out checkpoint); training ended by "
+                                      "plateau: no held-out gain of >= 1 SE over step 40 in 3 evaluation(s)."]
