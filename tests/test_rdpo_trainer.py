@@ -217,6 +217,15 @@ def test_state_written_before_the_new_keys_resumes_at_their_defaults(tmp_path):
     old = {k: v for k, v in json.loads(st["config"]).items() if not k.startswith(("stop_", "lr_"))}
     st["config"] = json.dumps(old)
     torch.save(st, path)
-    assert _trainer(tmp_path, steps=2, save_interval=1).try_resume()
+    del st["stopper"], st["history"]
+    torch.save(st, path)
+    more = _trainer(tmp_path, steps=12, save_interval=1)
+    with pytest.raises(ConfigError, match="different rdpo config"):  # steps differ
+        more.try_resume()
+    old["steps"] = 12
+    st["config"] = json.dumps(old)
+    torch.save(st, path)
+    more.train()  # the stopping rule's reference starts at the first evaluation after the resume
+    assert more.step == 12 and more.stopper.ref_step >= 10
     with pytest.raises(ConfigError, match="different rdpo config"):
         _trainer(tmp_path, steps=2, save_interval=1, stop_patience=2).try_resume()

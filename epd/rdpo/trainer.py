@@ -541,6 +541,9 @@ class RDPOTrainer:
             self.best = {"step": self.step, "reward": rec["eval_reward"], "guard": self.last_guard}
             self._export(mean_table, "best", {"step": self.step, "eval_reward": rec["eval_reward"],
                                               "eval_guard": self.last_guard})
+        if self.stopper.ref is None:  # resumed from a state written before the rule: it counts from here
+            self.stopper.start(rewards, self.step)
+            return
         if self.stopper.update(self.step, rewards, guard_ok):
             log.info("RDPO stops at step %d: %s", self.step, self.stopper.reason)
         if math.isfinite(self.stopper.log[-1]["gain_se"]):
