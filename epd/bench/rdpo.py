@@ -173,6 +173,7 @@ def bench_rdpo(config: str, workdir: Path, weights: str | None = None, nfe: int 
 
     t0 = time.time()
     ctx = _prepare(config, workdir, weights, nfe)
+    checked = dp_and_preempt(ctx, workdir) if checks else {}  # short runs: first, independent of the rest
     rcfg = ctx["rcfg"]
     if steps:
         rcfg.steps = steps
@@ -192,8 +193,7 @@ def bench_rdpo(config: str, workdir: Path, weights: str | None = None, nfe: int 
     rec.update(_early_stop(ctx, trainer, ev, res["distilled"], res["rdpo"], *stop))
     rec.update(_efficiency(ctx, workdir, EFFICIENT if efficient is None else efficient, ev, res["distilled"],
                            rec["paired_diff"]))
-    if checks:
-        rec.update(dp_and_preempt(ctx, workdir))
+    rec.update(checked)
     rec.update({"rdpo_seconds": round(rdpo_seconds, 1), "seconds": round(time.time() - t0, 1), "machine": machine()})
     return rec
 
