@@ -166,14 +166,28 @@ def _fixed_record(ctx: dict, trainer, best: dict, res: dict, tuned, n_eval: int,
     }
 
 
+def _checks(ctx: dict, workdir: Path, checks) -> dict:
+    """``checks``: True runs the DP/preemption identities, False skips them, a path reuses the JSON that
+    :func:`~epd.bench.rdpo_checks.dp_and_preempt` wrote for the same config (on a contended machine)."""
+    if checks is True:
+        return dp_and_preempt(ctx, workdir)
+    if not checks:
+        return {}
+    import json
+
+    rec = json.loads(Path(checks).read_text())
+    rec["checks"] = {**rec.get("checks", {}), "from": str(checks)}
+    return rec
+
+
 def bench_rdpo(config: str, workdir: Path, weights: str | None = None, nfe: int = 5, n_eval: int = 1000,
                steps: int | None = None, stop: tuple[int, float] = (3, 1.0), efficient: dict | None = None,
-               checks: bool = True) -> dict:
+               checks: bool | str = True) -> dict:
     from ..predictor import load
 
     t0 = time.time()
     ctx = _prepare(config, workdir, weights, nfe)
-    checked = dp_and_preempt(ctx, workdir) if checks else {}  # short runs: first, independent of the rest
+    checked = _checks(ctx, workdir, checks)  # short runs: first, independent of the rest
     rcfg = ctx["rcfg"]
     if steps:
         rcfg.steps = steps
@@ -221,6 +235,7 @@ def add_arguments(p):
     p.add_argument("--efficient", nargs="*", default=None, metavar="KEY=VALUE",
                    help=f"rdpo overrides of the one-third-budget run (default: {EFFICIENT})")
     p.add_argument("--no-checks", action="store_true", help="skip the --gpus 2 identity and preemption runs")
+    p.add_argument("--checks-json", default=None, help="take those runs' keys from this earlier JSON instead")
 
 
 def run(args):
@@ -229,7 +244,8 @@ def run(args):
         wd = Path(args.workdir or tmp)
         wd.mkdir(parents=True, exist_ok=True)
         rec = bench_rdpo(args.config, wd, args.weights, n_eval=args.n_eval, steps=args.steps,
-                         stop=(args.stop_patience, args.stop_min_gain_se), efficient=eff, checks=not args.no_checks)
+                         stop=(args.stop_patience, args.stop_min_gain_se), efficient=eff,
+                         checks=args.checks_json or not args.no_checks)
     atomic_write_json(args.out, rec)
     print(f"reward distilled {rec['reward_distilled']:.5f} -> rdpo {rec['reward_rdpo']:.5f}: "
           f"diff {rec['paired_diff']:.5f} +- {rec['paired_se']:.5f} (p={rec['paired_p']:.2g}); "
