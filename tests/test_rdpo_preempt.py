@@ -29,7 +29,7 @@ def test_signal_checkpoints_after_the_step_and_resume_is_byte_identical(tmp_path
     assert part.preempted == int(sig) and exit_code(part.preempted) == status
     assert part.step == at  # the step in flight finished, no further one started
     st = torch.load(tmp_path / "part" / "checkpoints" / "trainer-state.pt", weights_only=True)
-    assert st["step"] == at and len(st["history"]) > 2
+    assert st["step"] == at and st["history_len"] == len(part.history)
     assert not (tmp_path / "part" / "table_final.safetensors").exists()
     resumed = tiny_trainer(tmp_path / "part", save_interval=4)
     resumed.train()

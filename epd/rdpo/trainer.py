@@ -409,21 +409,22 @@ class RDPOTrainer:
         return {"policy": self.policy.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
                 "g_policy": self.g_policy.get_state(), "g_seeds": self.g_seeds.get_state(),
                 "g_update": self.g_update.get_state(), "best": dict(self.best), "history_len": len(self.history),
-                "history": json.dumps(self.history), "stopper": self.stopper.state_dict(),
+                "stopper": self.stopper.state_dict(),
                 "config": json.dumps(asdict(self.cfg))}
 
     def save_checkpoint(self) -> None:
-        """Write the trainer state (rank 0; each file atomically, the resumable state last but one)."""
+        """Write the trainer state (rank 0; each file atomically). ``metrics.jsonl`` goes first and the resumable
+        state last: a kill in between leaves the previous state, which reads only its own ``history_len`` records."""
         self._saved_step = self.step
         if not self.ranks.main:
             return
+        self._write_history()
         ck = self.out / "checkpoints"
         for name, obj in ((f"policy-step{self.step:06d}.pt", self.policy.state_dict()),  # the original's layout
                           ("trainer-state.pt", self._state())):
             buf = io.BytesIO()  # serialised in memory, so a full disk is reported as such (see atomic_path)
             torch.save(obj, buf)
             atomic_write_bytes(ck / name, buf.getvalue())
-        self._write_history()
 
     def _write_history(self) -> None:
         with atomic_path(self.out / "metrics.jsonl") as tmp:
@@ -461,9 +462,7 @@ class RDPOTrainer:
         if "stopper" in st:
             self.stopper.load_state_dict(st["stopper"])
         hist = self.out / "metrics.jsonl"
-        if "history" in st:
-            self.history = json.loads(st["history"])
-        elif hist.exists():
+        if hist.exists():
             self.history = [json.loads(line) for line in hist.read_text().splitlines() if line.strip()]
         self.history = self.history[: int(st["history_len"])]
         self._saved_step = self.step
