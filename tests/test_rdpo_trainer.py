@@ -192,3 +192,40 @@ def test_out_of_memory_in_evaluation_names_the_setting(tmp_path):
     with pytest.raises(EPDError, match=r"held-out evaluation: out of GPU memory at rdpo.eval_batch=4 .*lower "
                                        r"rdpo.eval_batch \(e.g. 2\)"):
         tr.evaluate(tr.start)
+
+
+def test_lr_schedules_start_at_the_rate_and_end_at_the_final_ratio():
+    assert [RDPOConfig(learning_rate=2.0, steps=11).lr_at(s) for s in (0, 5, 10)] == [2.0, 2.0, 2.0]
+    for name in ("linear", "cosine"):
+        cfg = RDPOConfig(learning_rate=2.0, steps=11, lr_schedule=name, lr_final_ratio=0.1)
+        assert cfg.lr_at(0) == pytest.approx(2.0) and cfg.lr_at(10) == pytest.approx(0.2)
+        assert cfg.lr_at(5) == pytest.approx(2.0 * 0.55)  # half-way: both are at the mean of 1 and 0.1
+    assert RDPOConfig(learning_rate=2.0, steps=11, lr_schedule="cosine", lr_final_ratio=0.1).lr_at(2) > \
+        RDPOConfig(learning_rate=2.0, steps=11, lr_schedule="linear", lr_final_ratio=0.1).lr_at(2)
+    with pytest.raises(ConfigError, match="rdpo.lr_schedule"):
+        RDPOConfig(lr_schedule="step").check()
+    with pytest.raises(ConfigError, match="rdpo.lr_final_ratio"):
+        RDPOConfig(lr_final_ratio=1.5).check()
+
+
+def test_state_written_before_the_new_keys_resumes_at_their_defaults(tmp_path):
+    import json
+
+    _trainer(tmp_path, steps=2, save_interval=1).train()
+    path = tmp_path / "checkpoints" / "trainer-state.pt"
+    st = torch.load(path, weights_only=True)
+    old = {k: v for k, v in json.loads(st["config"]).items() if not k.startswith(("stop_", "lr_"))}
+    st["config"] = json.dumps(old)
+    torch.save(st, path)
+    del st["stopper"]
+    torch.save(st, path)
+    more = _trainer(tmp_path, steps=12, save_interval=1)
+    with pytest.raises(ConfigError, match="different rdpo config"):  # steps differ
+        more.try_resume()
+    old["steps"] = 12
+    st["config"] = json.dumps(old)
+    torch.save(st, path)
+    more.train()  # the stopping rule's reference starts at the first evaluation after the resume
+    assert more.step == 12 and more.stopper.ref_step >= 10
+    with pytest.raises(ConfigError, match="different rdpo config"):
+        _trainer(tmp_path, steps=2, save_interval=1, stop_patience=2).try_resume()

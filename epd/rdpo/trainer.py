@@ -2,8 +2,9 @@
 
 Per PPO step:
 
-1. Take ``B / k`` prompts from a stream shuffled by the run seed (sharded across ranks) and repeat each ``k``
-   times (prompt-major); draw one latent seed per image.
+1. Take ``B / k`` prompts from a stream shuffled by the run seed and repeat each ``k`` times (prompt-major);
+   draw one latent seed per image. ``B`` is the global batch: under data parallelism (:mod:`epd.rdpo.ranks`)
+   every rank draws the same prompts, seeds and tables and rolls out only its shard of the images.
 2. Sample one complete table per image from the policy, run the EPD solver with it (no gradients), decode,
    and score with the weighted multi-reward (shared scorer registry).
 3. Advantages by leave-one-out: standard per-prompt RLOO (``advantage="rloo"``: LOO inside each prompt's
@@ -12,9 +13,11 @@ Per PPO step:
 4. PPO clipped objective over ``ppo_epochs`` passes of shuffled minibatches, plus optional ``kl_coef * KL(pi ||
    pi_start)`` and ``- entropy_coef * H``; AdamW; gradient-norm clipping.
 
-Checkpoints hold policy, optimizer, every RNG state and the step, so a killed run continues exactly. A
-held-out prompt set (disjoint from the final test prompts) with fixed seeds evaluates the policy mean every
-``eval_interval`` steps and selects the best checkpoint, which is exported as the RDPO table.
+Checkpoints hold policy, optimizer, every RNG state, the step, the stopping state and the metrics so far, so a
+killed or preempted run (:mod:`epd.rdpo.preempt`) continues exactly. A held-out prompt set (disjoint from the
+final test prompts) with fixed seeds evaluates the policy mean every ``eval_interval`` steps and selects the best
+checkpoint, which is exported as the RDPO table; a plateau rule on the same paired evaluations
+(:mod:`epd.rdpo.stopping`, ``stop_patience``/``stop_min_gain_se``) may end the run before ``steps``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from ..predictor import save
 from ..solvers.epd import sample_epd
 from ..table import EPDTable
 from .policy import EPDParamPolicy
+from .ranks import Ranks
+from .stopping import PlateauStopper
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +54,14 @@ REWARD_NORMALIZERS = {
     "imagereward": (1 / 10, 0.0, 1.0),
     "clip": (1.0, 0.0, 1.0),
     "aesthetic": (1 / 10, 0.0, 1.0),
+}
+
+
+# Learning-rate factor at training progress ``t`` in [0, 1], ending at ``final`` (``lr_final_ratio``).
+LR_SCHEDULES = {
+    "constant": lambda t, final: 1.0,
+    "linear": lambda t, final: 1.0 - (1.0 - final) * t,
+    "cosine": lambda t, final: final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * t)),
 }
 
 
@@ -79,6 +92,10 @@ class RDPOConfig:
     eval_batch: int = 256
     guard_metric: str | None = None
     guard_max_ratio: float = 1.05
+    stop_patience: int = 0
+    stop_min_gain_se: float = 0.0
+    lr_schedule: str = "constant"
+    lr_final_ratio: float = 0.1
     seed: int = 0
     rewards: dict = field(default_factory=lambda: {"hps": 1.0})
 
@@ -121,6 +138,16 @@ class RDPOConfig:
             raise ConfigError(f"rdpo.advantage: {self.advantage!r}; accepted: 'rloo', 'legacy_mixed'")
         if not self.rewards or not any(w > 0 for w in self.rewards.values()):
             raise ConfigError("rdpo.rewards: need at least one reward with a positive weight")
+        PlateauStopper(self.stop_patience, self.stop_min_gain_se)  # raises on bad values
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"rdpo.lr_schedule: {self.lr_schedule!r}; accepted: {sorted(LR_SCHEDULES)}")
+        if not 0 <= self.lr_final_ratio <= 1:
+            raise ConfigError(f"rdpo.lr_final_ratio: must be in [0, 1], got {self.lr_final_ratio}")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for PPO step ``step`` (0-based) under ``lr_schedule`` (stateless, so resume-exact)."""
+        return self.learning_rate * LR_SCHEDULES[self.lr_schedule](min(step / max(self.steps - 1, 1), 1.0),
+                                                                   self.lr_final_ratio)
 
 
 class MultiReward:
@@ -174,26 +201,30 @@ class RDPOTrainer:
         reward (:class:`MultiReward`): reward function ``(images, prompts) -> (R, heads)``.
         train_prompts / eval_prompts (`list[str]`): rollout stream and held-out selection set (disjoint).
         eval_seeds (`list[int]`): fixed seeds for held-out evaluation (paired across checkpoints).
-        cfg (:class:`RDPOConfig`), out_dir: run folder (``checkpoints/``, ``metrics.jsonl``, exported tables).
-        rank / world (`int`): prompt-stream sharding across processes.
+        cfg (:class:`RDPOConfig`), out_dir: run folder (``checkpoints/``, ``metrics.jsonl``, exported tables,
+            ``stop.json``).
+        rank / world (`int`): this process among ``world`` data-parallel ones (see :mod:`epd.rdpo.ranks`; the
+            process group must be initialised); rank 0 alone writes files and logs.
         guard (`callable`, *optional*): ``guard(images) -> float`` (lower is better, e.g. digits-FD against held-out
             real data) evaluated on the held-out images; a checkpoint is selected only while its value stays within
             ``guard_max_ratio`` of the start table's (guards the selection against reward hacking).
+        shard_update (`bool`): split each PPO minibatch over the ranks and all-reduce the gradients instead of
+            every rank computing the (cheap) policy update on the whole minibatch; see :meth:`_minibatch`.
+        preempt (*optional*): an object whose ``signum`` becomes a signal number when the run must checkpoint and
+            stop (:class:`~epd.rdpo.preempt.PreemptSignal`); after :meth:`train`, ``self.preempted`` holds it.
     """
 
     def __init__(self, backbone, start_table: EPDTable, sigmas: torch.Tensor, reward, train_prompts: list[str],
                  eval_prompts: list[str], eval_seeds: list[int], cfg: RDPOConfig, out_dir: str | Path,
-                 rank: int = 0, world: int = 1, run=None, guard=None):
+                 rank: int = 0, world: int = 1, run=None, guard=None, preempt=None, shard_update: bool = False):
         cfg.check()
-        if start_table.num_steps != len(sigmas):
-            raise ConfigError(f"start table has num_steps={start_table.num_steps}, grid has {len(sigmas)} points")
-        overlap = set(train_prompts) & set(eval_prompts)
-        if overlap and len(set(train_prompts)) > len(overlap):
-            log.warning("%d held-out evaluation prompts also appear in the rollout stream", len(overlap))
+        self._check_inputs(start_table, sigmas, train_prompts, eval_prompts, eval_seeds, cfg, world, shard_update)
         self.bb, self.start, self.sigmas, self.reward = backbone, start_table, sigmas, reward
         self.train_prompts, self.eval_prompts, self.eval_seeds = train_prompts, eval_prompts, eval_seeds
-        self.cfg, self.out, self.rank, self.world, self.run = cfg, Path(out_dir), rank, world, run
+        self.cfg, self.out, self.ranks, self.run = cfg, Path(out_dir), Ranks(rank, world), run
         self.guard, self.guard_ref, self.last_guard = guard, None, None
+        self.preempt, self.preempted, self._saved_step = preempt, None, None
+        self.shard_update = bool(shard_update) and world > 1
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "checkpoints").mkdir(exist_ok=True)
         with torch.random.fork_rng(devices=[]):  # initialisation depends on the run seed only
@@ -203,29 +234,44 @@ class RDPOTrainer:
                 train_scale_dir=cfg.train_scale_dir, train_scale_time=cfg.train_scale_time, scale_std=cfg.scale_std)
         self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
                                      weight_decay=0.0)
-        self.g_policy = torch.Generator().manual_seed(cfg.seed * 1000003 + rank)
-        self.g_seeds = torch.Generator().manual_seed(cfg.seed * 7919 + 17 + rank)
-        self.g_update = torch.Generator().manual_seed(cfg.seed * 104729 + 29 + rank)
+        # the same streams on every rank: each draws the global batch and keeps its shard
+        self.g_policy = torch.Generator().manual_seed(cfg.seed * 1000003)
+        self.g_seeds = torch.Generator().manual_seed(cfg.seed * 7919 + 17)
+        self.g_update = torch.Generator().manual_seed(cfg.seed * 104729 + 29)
         self.step = 0
         self.best = {"step": 0, "reward": -math.inf}
+        self.stopper = PlateauStopper(cfg.stop_patience, cfg.stop_min_gain_se)
         self.history: list[dict] = []
         self._perm = torch.randperm(len(train_prompts), generator=torch.Generator().manual_seed(cfg.seed))
 
+    @staticmethod
+    def _check_inputs(start_table, sigmas, train_prompts, eval_prompts, eval_seeds, cfg, world, shard_update) -> None:
+        if start_table.num_steps != len(sigmas):
+            raise ConfigError(f"start table has num_steps={start_table.num_steps}, grid has {len(sigmas)} points")
+        limit = min(cfg.minibatch_size, len(eval_seeds)) if shard_update else len(eval_seeds)
+        if world > limit:
+            raise ConfigError(f"--gpus {world}: every process needs a share of the held-out seeds ({len(eval_seeds)})"
+                              + (f" and of each PPO minibatch (rdpo.minibatch_size={cfg.minibatch_size})"
+                                 if shard_update else "") + f"; use at most {limit} processes")
+        overlap = set(train_prompts) & set(eval_prompts)
+        if overlap and len(set(train_prompts)) > len(overlap):
+            log.warning("%d held-out evaluation prompts also appear in the rollout stream", len(overlap))
+
     # ------------------------------------------------------------------ prompts and seeds
     def prompts_for_step(self, step: int) -> list[str]:
-        """Prompt-major batch for PPO step ``step`` (0-based): ``B/k`` prompts of this rank's shard, each k times."""
+        """Prompt-major global batch for PPO step ``step`` (0-based): ``B/k`` prompts, each k times."""
         n_prompts = self.cfg.rollout_batch_size // self.cfg.rloo_k
         L = len(self._perm)
         out = []
         for j in range(n_prompts):
-            pos = ((step * n_prompts + j) * self.world + self.rank) % L
-            p = self.train_prompts[int(self._perm[pos])]
+            p = self.train_prompts[int(self._perm[(step * n_prompts + j) % L])]
             out += [p] * self.cfg.rloo_k
         return out
 
     # ------------------------------------------------------------------ rollout
     @torch.no_grad()
     def rollout(self, prompts: list[str]) -> dict:
+        """Sample the global batch's tables, roll out and score this rank's shard, gather the rewards."""
         B = len(prompts)
         seeds = torch.randint(0, 2**31 - 1, (B,), generator=self.g_seeds).tolist()
         labels = [f"RDPO step {self.step + 1}, image {i}, seed {s}, prompt {p!r}"
@@ -237,13 +283,9 @@ class RDPOTrainer:
         if bad:
             raise NonFiniteError(f"policy sampled a NaN/inf table for {labels[bad[0]]} ({len(bad)} of {B} images)")
         old_logp = self.policy.log_prob(action).detach()
-        x = self.bb.noise(seeds, sigma=float(self.sigmas[0]))
-        cond = self.bb.prepare(prompts)
-        out = sample_epd(self.bb.denoiser, x, self.sigmas.to(x.dtype), cond=cond,
-                         table=action.tables(self.start.meta), afs=bool(self.start.meta.get("afs")),
-                         context=labels)
-        images = self.bb.decode(out.x)
-        R, heads = self.reward(images, prompts)
+        own = self.ranks.shard(B)
+        R, heads = self._score(action[own], seeds[own], prompts[own], labels[own])
+        R, heads = self.ranks.cat(R), {k: self.ranks.cat(v) for k, v in heads.items()}
         bad = (~torch.isfinite(R)).nonzero().flatten().tolist()
         if bad:
             i = bad[0]
@@ -252,6 +294,14 @@ class RDPOTrainer:
                                  f"{ {k: float(v[i]) for k, v in heads.items()} }")
         return {"action": action, "old_logp": old_logp, "rewards": R, "heads": heads, "seeds": seeds,
                 "prompts": prompts}
+
+    def _score(self, action, seeds: list[int], prompts: list[str], labels: list[str]):
+        x = self.bb.noise(seeds, sigma=float(self.sigmas[0]))
+        cond = self.bb.prepare(prompts)
+        out = sample_epd(self.bb.denoiser, x, self.sigmas.to(x.dtype), cond=cond,
+                         table=action.tables(self.start.meta), afs=bool(self.start.meta.get("afs")),
+                         context=labels)
+        return self.reward(self.bb.decode(out.x), prompts)
 
     def _check_policy(self, when: str) -> None:
         bad = [n for n, p in self.policy.named_parameters() if not torch.isfinite(p).all()]
@@ -270,57 +320,71 @@ class RDPOTrainer:
         cfg = self.cfg
         adv = compute_advantages(batch["rewards"], cfg.rloo_k, cfg.advantage).float()
         B = adv.numel()
+        if cfg.lr_schedule != "constant":
+            for g in self.opt.param_groups:
+                g["lr"] = cfg.lr_at(self.step)
         stats = {"loss": [], "policy_loss": [], "kl": [], "ratio": [], "clip_fraction": [], "grad_norm": [],
                  "entropy": []}
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(B, generator=self.g_update)
             for i in range(0, B, cfg.minibatch_size):
-                idx = perm[i:i + cfg.minibatch_size]
-                act = batch["action"][idx]
-                logp = self.policy.log_prob(act)
-                ratio = torch.exp(logp - batch["old_logp"][idx])
-                a = adv[idx]
-                clipped = torch.clamp(ratio, 1 - cfg.clip_range, 1 + cfg.clip_range)
-                policy_loss = torch.max(-a * ratio, -a * clipped).mean()
-                kl = self.policy.kl_to_base()
-                ent = self.policy.entropy()
-                loss = policy_loss + cfg.kl_coef * kl.mean() - cfg.entropy_coef * ent.mean()
-                if not torch.isfinite(loss):
-                    raise NonFiniteError(f"policy loss is NaN/inf at RDPO step {self.step + 1} "
-                                         f"(ratio {ratio.tolist()}, advantages {a.tolist()}); minibatch: "
-                                         f"{self._describe(batch, idx)}")
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                gn = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
-                self.opt.step()
-                self._check_policy(f"after the PPO update of RDPO step {self.step + 1} (gradient norm {float(gn):.4g};"
-                                   f" minibatch: {self._describe(batch, idx)})")
-                stats["loss"].append(loss.item())
-                stats["policy_loss"].append(policy_loss.item())
-                stats["kl"].append(kl.mean().item())
-                stats["ratio"].append(ratio.mean().item())
-                stats["clip_fraction"].append(((ratio - 1).abs() > cfg.clip_range).float().mean().item())
-                stats["grad_norm"].append(float(gn))
-                stats["entropy"].append(ent.mean().item())
+                for k, v in self._minibatch(batch, adv, perm[i:i + cfg.minibatch_size]).items():
+                    stats[k].append(v)
         return {k: sum(v) / len(v) for k, v in stats.items()}
+
+    def _minibatch(self, batch: dict, adv: torch.Tensor, idx: torch.Tensor) -> dict:
+        """One clipped-PPO step on minibatch ``idx`` (global indices). Every rank holds the whole batch (tables,
+        log-probabilities, gathered rewards), so by default each computes the same update as one process, bit for
+        bit. With ``shard_update`` a rank takes every ``world``-th image, its loss is its share of the minibatch
+        mean and the gradients are summed over the ranks (less policy work per rank, float32 summation order
+        differs from one process: about 1e-6 on the tables after a few steps)."""
+        cfg, w = self.cfg, (self.ranks.world if self.shard_update else 1)
+        mine = idx if w == 1 else idx[self.ranks.rank::w]
+        share = (lambda t: t.mean()) if w == 1 else (lambda t: t.sum() / len(idx))  # noqa: E731
+        ratio = torch.exp(self.policy.log_prob(batch["action"][mine]) - batch["old_logp"][mine])
+        a = adv[mine]
+        clipped = torch.clamp(ratio, 1 - cfg.clip_range, 1 + cfg.clip_range)
+        policy_loss = share(torch.max(-a * ratio, -a * clipped))
+        kl = self.policy.kl_to_base()
+        ent = self.policy.entropy()
+        loss = policy_loss + cfg.kl_coef * kl.mean() / w - cfg.entropy_coef * ent.mean() / w
+        if not torch.isfinite(loss):
+            raise NonFiniteError(f"policy loss is NaN/inf at RDPO step {self.step + 1} "
+                                 f"(ratio {ratio.tolist()}, advantages {a.tolist()}); minibatch: "
+                                 f"{self._describe(batch, mine)}")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.shard_update:
+            self.ranks.sum_grads(self.policy.parameters())
+        gn = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+        self.opt.step()
+        self._check_policy(f"after the PPO update of RDPO step {self.step + 1} (gradient norm {float(gn):.4g};"
+                           f" minibatch: {self._describe(batch, idx)})")
+        clip = ((ratio - 1).abs() > cfg.clip_range).float()
+        summed = [loss.item(), policy_loss.item(), share(ratio).item(), share(clip).item()]
+        summed = self.ranks.sum(summed) if self.shard_update else summed
+        return {"loss": summed[0], "policy_loss": summed[1], "kl": kl.mean().item(), "ratio": summed[2],
+                "clip_fraction": summed[3], "grad_norm": float(gn), "entropy": ent.mean().item()}
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, table: EPDTable) -> tuple[float, torch.Tensor]:
-        """Mean reward of a fixed table on the held-out prompts and seeds (paired across calls)."""
+        """Mean reward of a fixed table on the held-out prompts and seeds (paired across calls; sharded over the
+        ranks, every rank returns the full result)."""
         from ..prompts import pair
 
-        prompts = pair(self.eval_prompts, self.eval_seeds)
+        own = self.ranks.shard(len(self.eval_seeds))
+        seeds, prompts = self.eval_seeds[own], pair(self.eval_prompts, self.eval_seeds)[own]
         rs, imgs = [], []
         n = self.cfg.eval_batch
-        for i in range(0, len(self.eval_seeds), n):
+        for i in range(0, len(seeds), n):
             with out_of_memory_names("rdpo.eval_batch", n, "the held-out evaluation"):
-                r, images = self._eval_batch(table, self.eval_seeds[i:i + n], prompts[i:i + n])
+                r, images = self._eval_batch(table, seeds[i:i + n], prompts[i:i + n])
             rs.append(r)
             if self.guard is not None:
                 imgs.append(images.cpu())
-        r = torch.cat(rs)
-        self.last_guard = float(self.guard(torch.cat(imgs))) if self.guard is not None else None
+        r = self.ranks.cat(torch.cat(rs))
+        self.last_guard = float(self.guard(self.ranks.cat(torch.cat(imgs)))) if self.guard is not None else None
         return float(r.mean()), r
 
     def _eval_batch(self, table: EPDTable, seeds: list[int], prompts: list[str]):
@@ -345,25 +409,28 @@ class RDPOTrainer:
         return {"policy": self.policy.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
                 "g_policy": self.g_policy.get_state(), "g_seeds": self.g_seeds.get_state(),
                 "g_update": self.g_update.get_state(), "best": dict(self.best), "history_len": len(self.history),
+                "stopper": self.stopper.state_dict(),
                 "config": json.dumps(asdict(self.cfg))}
 
     def save_checkpoint(self) -> None:
+        """Write the trainer state (rank 0; each file atomically). ``metrics.jsonl`` goes first and the resumable
+        state last: a kill in between leaves the previous state, which reads only its own ``history_len`` records."""
+        self._saved_step = self.step
+        if not self.ranks.main:
+            return
+        self._write_history()
         ck = self.out / "checkpoints"
         for name, obj in ((f"policy-step{self.step:06d}.pt", self.policy.state_dict()),  # the original's layout
                           ("trainer-state.pt", self._state())):
             buf = io.BytesIO()  # serialised in memory, so a full disk is reported as such (see atomic_path)
             torch.save(obj, buf)
             atomic_write_bytes(ck / name, buf.getvalue())
-        self._write_history()
 
     def _write_history(self) -> None:
         with atomic_path(self.out / "metrics.jsonl") as tmp:
             tmp.write_text("".join(json.dumps(h) + "\n" for h in self.history))
 
-    def try_resume(self) -> bool:
-        path = self.out / "checkpoints" / "trainer-state.pt"
-        if not path.exists():
-            return False
+    def _load_state(self, path: Path) -> dict:
         try:
             st = torch.load(path, weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
@@ -373,8 +440,17 @@ class RDPOTrainer:
         if not isinstance(st, dict) or any(k not in st for k in need):
             raise EPDError(f"{path}: not an RDPO trainer state (expected keys {list(need)}); delete the run folder "
                            "to start over")
-        if json.loads(st["config"]) != json.loads(json.dumps(asdict(self.cfg))):
+        saved, now = json.loads(st["config"]), json.loads(json.dumps(asdict(self.cfg)))
+        defaults = json.loads(json.dumps(asdict(RDPOConfig())))  # keys added since the state was written
+        if {**{k: defaults[k] for k in now if k not in saved}, **saved} != now:
             raise ConfigError(f"{path}: was written with a different rdpo config; use a new run folder")
+        return st
+
+    def try_resume(self) -> bool:
+        path = self.out / "checkpoints" / "trainer-state.pt"
+        if not path.exists():
+            return False
+        st = self._load_state(path)
         try:
             self.policy.load_state_dict(st["policy"])
         except RuntimeError as e:
@@ -383,60 +459,123 @@ class RDPOTrainer:
         for name in ("g_policy", "g_seeds", "g_update"):
             getattr(self, name).set_state(st[name])
         self.step, self.best = int(st["step"]), dict(st["best"])
+        if "stopper" in st:
+            self.stopper.load_state_dict(st["stopper"])
         hist = self.out / "metrics.jsonl"
         if hist.exists():
             self.history = [json.loads(line) for line in hist.read_text().splitlines() if line.strip()]
         self.history = self.history[: int(st["history_len"])]
+        self._saved_step = self.step
         log.info("resumed RDPO at step %d", self.step)
         return True
 
     # ------------------------------------------------------------------ main loop
     def train(self, steps: int | None = None) -> dict:
+        """Run (or resume) PPO up to ``steps``, the plateau rule or a preemption signal; returns the best
+        checkpoint's ``{"step", "reward", "guard"}``. After a preemption ``self.preempted`` is the signal."""
         steps = steps or self.cfg.steps
         self.try_resume()
         if self.step == 0:
-            r0, _ = self.evaluate(self.start)
-            self.best = {"step": 0, "reward": r0, "guard": self.last_guard}
-            self._export(self.start, "best", {"step": 0, "eval_reward": r0, "eval_guard": self.last_guard})
-            self.history.append({"step": 0, "eval_reward": r0, **({"eval_guard": self.last_guard}
-                                                                 if self.last_guard is not None else {})})
+            self._evaluate_start()
+        self._set_guard_ref()
+        t0 = time.time()
+        bar = tqdm(desc="rdpo", initial=self.step, total=steps, unit="step", disable=not self.ranks.main)
+        while self.step < steps and self.stopper.stopped_at is None:
+            rec = self._train_step(steps, t0)
+            bar.update(1)
+            bar.set_postfix(reward=f"{rec['mixed_reward_mean']:.4g}", kl=f"{rec['kl']:.3g}")
+            sig = self.ranks.max_int(getattr(self.preempt, "signum", None) or 0)
+            if sig:
+                if self._saved_step != self.step:
+                    self.save_checkpoint()
+                self.ranks.barrier()
+                self.preempted = sig
+                log.warning("signal %d: checkpointed RDPO at step %d in %s; run the same command to resume",
+                            sig, self.step, self.out)
+                return self.best
+        bar.close()
+        self._finish(steps)
+        return self.best
+
+    def _evaluate_start(self) -> None:
+        r0, rewards = self.evaluate(self.start)
+        self.best = {"step": 0, "reward": r0, "guard": self.last_guard}
+        self.stopper.start(rewards, 0)
+        self._export(self.start, "best", {"step": 0, "eval_reward": r0, "eval_guard": self.last_guard})
+        self.history.append({"step": 0, "eval_reward": r0, **({"eval_guard": self.last_guard}
+                                                             if self.last_guard is not None else {})})
+
+    def _set_guard_ref(self) -> None:
         if self.guard is not None:
             self.guard_ref = self.best.get("guard") if self.best.get("step") == 0 else next(
                 (h["eval_guard"] for h in self.history if h.get("step") == 0 and "eval_guard" in h), None)
-        t0 = time.time()
-        bar = tqdm(range(self.step, steps), desc="rdpo", initial=self.step, total=steps, unit="step")
-        for _ in bar:
-            prompts = self.prompts_for_step(self.step)
-            batch = self.rollout(prompts)
-            stats = self.update(batch)
-            self.step += 1
-            rec = {"step": self.step, **stats, "mixed_reward_mean": float(batch["rewards"].mean()),
-                   "mixed_reward_std": float(batch["rewards"].std(unbiased=False)),
-                   **{f"{k}_mean": float(v.mean()) for k, v in batch["heads"].items()},
-                   "elapsed_sec": round(time.time() - t0, 3)}
-            if self.step % self.cfg.eval_interval == 0 or self.step == steps:
-                mean_table = self.policy.mean_table(meta=self.start.meta)
-                rec["eval_reward"], _ = self.evaluate(mean_table)
-                if self.last_guard is not None:
-                    rec["eval_guard"] = self.last_guard
-                if rec["eval_reward"] > self.best["reward"] and self._guard_ok():
-                    self.best = {"step": self.step, "reward": rec["eval_reward"], "guard": self.last_guard}
-                    self._export(mean_table, "best", {"step": self.step, "eval_reward": rec["eval_reward"],
-                                                      "eval_guard": self.last_guard})
-            self.history.append(rec)
-            bar.set_postfix(reward=f"{rec['mixed_reward_mean']:.4g}", kl=f"{rec['kl']:.3g}")
-            if self.run is not None and self.step % self.cfg.log_interval == 0:
-                self.run.metrics({k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"},
-                                 step=self.step)
-            if self.step % self.cfg.save_interval == 0 or self.step == steps:
-                self.save_checkpoint()
+
+    def _train_step(self, steps: int, t0: float) -> dict:
+        """One PPO step (rollout, update), its evaluation when due, logging and checkpointing."""
+        batch = self.rollout(self.prompts_for_step(self.step))
+        stats = self.update(batch)
+        self.step += 1
+        rec = {"step": self.step, **stats, "mixed_reward_mean": float(batch["rewards"].mean()),
+               "mixed_reward_std": float(batch["rewards"].std(unbiased=False)),
+               **{f"{k}_mean": float(v.mean()) for k, v in batch["heads"].items()},
+               "elapsed_sec": round(time.time() - t0, 3)}
+        if self.step % self.cfg.eval_interval == 0 or self.step == steps:
+            self._evaluate_step(rec)
+        self.history.append(rec)
+        if self.run is not None and self.ranks.main and self.step % self.cfg.log_interval == 0:
+            self.run.metrics({k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"},
+                             step=self.step)
+        if (self.step % self.cfg.save_interval == 0 or self.step == steps
+                or self.stopper.stopped_at is not None):
+            self.save_checkpoint()
+        return rec
+
+    def _evaluate_step(self, rec: dict) -> None:
+        mean_table = self.policy.mean_table(meta=self.start.meta)
+        rec["eval_reward"], rewards = self.evaluate(mean_table)
+        if self.last_guard is not None:
+            rec["eval_guard"] = self.last_guard
+        guard_ok = self._guard_ok()
+        if rec["eval_reward"] > self.best["reward"] and guard_ok:
+            self.best = {"step": self.step, "reward": rec["eval_reward"], "guard": self.last_guard}
+            self._export(mean_table, "best", {"step": self.step, "eval_reward": rec["eval_reward"],
+                                              "eval_guard": self.last_guard})
+        if self.stopper.ref is None:  # resumed from a state written before the rule: it counts from here
+            self.stopper.start(rewards, self.step)
+            return
+        if self.stopper.update(self.step, rewards, guard_ok):
+            log.info("RDPO stops at step %d: %s", self.step, self.stopper.reason)
+        if math.isfinite(self.stopper.log[-1]["gain_se"]):
+            rec["eval_gain_se"] = self.stopper.log[-1]["gain_se"]
+
+    def stop_record(self, steps: int) -> dict:
+        """What ``stop.json`` holds: the selected checkpoint, where and why training ended, the evaluations."""
+        finite = lambda v: v if not isinstance(v, float) or math.isfinite(v) else None  # noqa: E731
+        return {"selected_step": self.best["step"], "selected_eval_reward": self.best["reward"],
+                "stopped_at": self.step, "steps": steps,
+                "reason": self.stopper.reason or f"budget: ran all {steps} steps (rdpo.steps)",
+                "rollouts": self.step * self.cfg.rollout_batch_size,
+                "stop_patience": self.cfg.stop_patience, "stop_min_gain_se": self.cfg.stop_min_gain_se,
+                "evaluations": [{k: finite(v) for k, v in e.items()} for e in self.stopper.log]}
+
+    def _finish(self, steps: int) -> None:
         final = self.policy.mean_table(meta=self.start.meta)
         self._export(final, "final", {"step": self.step})
+        if not self.ranks.main:
+            return
+        stop = self.stop_record(steps)
+        atomic_write_json(self.out / "stop.json", stop)
         atomic_write_json(self.out / "summary.json", {"best": self.best, "steps": self.step,
                                                       "config": asdict(self.cfg)})
-        return self.best
+        if self.run is not None:
+            self.run.metrics({"selected_step": stop["selected_step"], "stopped_at": stop["stopped_at"],
+                              "rollouts": stop["rollouts"]})
+            self.run.tags({"selected_step": stop["selected_step"], "stop_reason": stop["reason"]})
+            self.run.artifact(self.out / "stop.json")
 
     def _export(self, table: EPDTable, name: str, info: dict) -> None:
+        if not self.ranks.main:
+            return
         t = EPDTable(table.positions, table.weights, table.scale_dir, table.scale_time, meta=table.meta,
                      provenance={"stage": "rdpo", "selection": "held-out eval reward" if name == "best" else "last",
                                  **info})

@@ -97,13 +97,24 @@ def _notes(rows: list[Row], externals: dict[str, list[str]], backbone: str, skip
     return notes
 
 
+def _rdpo_stop_notes(rdpo: list[dict]) -> list[str]:
+    """One note per RDPO run that recorded its stopping: the selected checkpoint and why training ended."""
+    out = []
+    for r in rdpo:
+        reason, step = run_field(r, "stop_reason"), run_field(r, "selected_step")
+        if reason:
+            nfe = "" if math.isnan(r["nfe"]) else f" NFE {r['nfe']:g}"
+            out.append(f"RDPO{nfe}: table from step {step or '?'} (best held-out checkpoint); training ended by {reason}.")
+    return out
+
+
 def _write_backbone(bb: str, rows: list[Row], runs: list[dict], history: dict, out: Path, scores: ScoreCache,
                     externals: dict[str, list[str]], within: str, skipped: list[str], reference: str | None) -> dict:
     rows = order_rows(rows)
     metrics = metric_columns(rows)
     mark_best(rows, metrics, within)
     add_paired(rows, metrics, scores)
-    notes = _notes(rows, externals, bb, skipped, reference)
+    notes = _notes(rows, externals, bb, skipped, reference) + _rdpo_stop_notes(_stage_runs(runs, "rdpo", bb))
     d = out / bb
     atomic_write_text(d / "table.md", render.markdown(bb, rows, metrics, notes, within))
     atomic_write_text(d / "table.tex", render.latex(bb, rows, metrics, notes, within))
