@@ -2,8 +2,8 @@
 
 Every module under ``epd/`` is parsed (no import is executed); the import graph holds relative and absolute
 ``epd`` imports, those inside functions included (an import deferred into a function is still a dependency).
-Checked: (a) the graph has no cycle; (b) no core module imports from a layer above it; (c) the core modules'
-functions stay under 60 lines.
+Checked: (a) the graph has no cycle; (b) no core module imports from a layer above it; (c) every function
+of the package stays within 60 lines.
 """
 
 from __future__ import annotations
