@@ -231,7 +231,8 @@ def add_arguments(p):
     p.add_argument("--steps", type=int, default=None, help="override rdpo.steps")
     p.add_argument("--n-eval", type=int, default=1000)
     p.add_argument("--stop-patience", type=int, default=3, help="plateau rule replayed on the fixed-budget run")
-    p.add_argument("--stop-min-gain-se", type=float, default=1.0)
+    p.add_argument("--stop-min-gain-se", type=float, default=1.0,
+                   help="plateau rule: the least paired held-out gain, in standard errors, that counts as progress")
     p.add_argument("--efficient", nargs="*", default=None, metavar="KEY=VALUE",
                    help=f"rdpo overrides of the one-third-budget run (default: {EFFICIENT})")
     p.add_argument("--no-checks", action="store_true", help="skip the --gpus 2 identity and preemption runs")
