@@ -255,7 +255,7 @@ def _frozen_denoiser(backbone, cfg: DistillConfig):
 
 def _out_of_memory(cfg: DistillConfig):
     return out_of_memory_names("distill.micro_batch", cfg.micro_batch or cfg.batch, "Stage-1 distillation (also "
-                               "distill.checkpoint_denoiser: true keeps one denoiser call's activations)")
+                               "distill.checkpoint_denoiser: true recomputes activations in the backward pass)")
 
 
 def _forward(backbone, den, params, x, target, prompts, sig, afs, cfg, feature_fn, labels, it, oom, plugin=None):
