@@ -31,10 +31,11 @@ from pathlib import Path
 
 import yaml
 
+from epd.io import parse_seeds
+from epd.report.cost import paper_scale, projected_hours
+
 # Scaled-down counts: peak memory is set by the batch settings, which stay at the paper's values.
 COUNTS = {"eval_prompts": 8, "teacher_seeds": 8, "distill_iterations": 4, "rdpo_steps": 4, "rdpo_eval_seeds": 8}
-# Steps of the original's released best tables (spec: exps/best_models provenance).
-RELEASED_RDPO_STEPS = {"sd15": 9000, "sd3_512": 9000, "sd3_1024": 7000, "flux_dev": 2800}
 # epd command of a job -> study stage (Snakemake does not tell a job its rule name; every rule calls one command)
 STAGES = {"teacher": "teacher", "distill": "distill", "rdpo": "rdpo", "sample": "sample", "evaluate": "evaluate",
           "report": "report"}
@@ -42,7 +43,6 @@ STAGES = {"teacher": "teacher", "distill": "distill", "rdpo": "rdpo", "sample": 
 
 def stage_of(row: dict) -> str:
     return STAGES.get(row.get("command") or "", "")
-PAPER_EVAL_PROMPTS = 1000
 METRICS = ["hps", "pickscore", "imagereward", "clip", "aesthetic", "mps"]
 
 
@@ -74,14 +74,18 @@ def _items(row: dict, cfg: dict, backbone: str) -> int:
 
 
 def _projection(stage: str, per_item: float, full: dict, backbone: str, rows_full: int) -> float:
-    """GPU-hours of the full paper study's share of ``stage`` from a per-item time."""
+    """GPU-hours of the full paper study's share of ``stage`` from a per-item time: the backbone's ``paper_scale``
+    counts (the config's own where a key is absent), every solver row, six metrics."""
     sec = full["backbones"][backbone]
-    items = {"teacher": int(str(sec["teacher"]["seeds"]).split("-")[1]) + 1,
-             "distill": sec["distill"]["iterations"],
-             "rdpo": RELEASED_RDPO_STEPS.get(backbone, sec["rdpo"]["steps"]),
-             "sample": PAPER_EVAL_PROMPTS * rows_full,
-             "evaluate": PAPER_EVAL_PROMPTS * rows_full * len(METRICS), "report": 1}[stage]
-    return per_item * items / 3600
+    scale = paper_scale(sec)
+    own = {"eval_prompts": len(parse_seeds(sec["sample"]["seeds"])),
+           "teacher_seeds": len(parse_seeds(sec["teacher"]["seeds"])),
+           "distill_iterations": sec["distill"]["iterations"], "rdpo_steps": sec["rdpo"]["steps"]}
+    n = {k: scale.get(k) or v for k, v in own.items()}
+    items = {"teacher": n["teacher_seeds"], "distill": n["distill_iterations"], "rdpo": n["rdpo_steps"],
+             "sample": n["eval_prompts"] * rows_full, "evaluate": n["eval_prompts"] * rows_full * len(METRICS),
+             "report": 1}[stage]
+    return projected_hours(per_item, items)
 
 
 def aggregate(log_rows: list[dict], cfg: dict, full: dict, backbone: str, failed: set[str], gpu: str) -> list[dict]:

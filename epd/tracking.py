@@ -13,6 +13,7 @@ import logging
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -46,6 +47,14 @@ def environment_tags() -> dict[str, str]:
         if os.environ.get(var):
             tags[var.lower()] = os.environ[var]
     return tags
+
+
+def used_gpu() -> str:
+    """The name of the CUDA device this process used, or "" when it never initialised CUDA."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return ""
+    return torch.cuda.get_device_name(torch.cuda.current_device())
 
 
 class Run:
@@ -133,3 +142,5 @@ def start_run(stage: str, *, backbone: str | None = None, name: str | None = Non
         if params:
             run.params(params)
         yield run
+        if gpu := used_gpu():
+            run.tags({"gpu": gpu})

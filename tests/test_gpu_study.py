@@ -3,7 +3,7 @@ whose projection to the full paper study is per-item time x the full study's ite
 
 import pytest
 
-from benchmarks.gpu_study import COUNTS, RELEASED_RDPO_STEPS, aggregate, study_config
+from benchmarks.gpu_study import COUNTS, aggregate, study_config
 from epd.config import load_config, study_rows
 
 
@@ -33,7 +33,9 @@ def test_rows_project_per_item_time_to_the_paper_study():
     rows = {r["stage"]: r for r in aggregate(log, cfg, full, "sd15", failed={"distill"}, gpu="H100")}
     assert rows["teacher"]["per_item_s"] == 16.0 / COUNTS["teacher_seeds"]
     assert rows["teacher"]["projected_gpu_hours"] == pytest.approx(2.0 * 512 / 3600)
-    assert rows["rdpo"]["projected_gpu_hours"] == pytest.approx(10.0 * RELEASED_RDPO_STEPS["sd15"] / 3600)
+    # RDPO to the released table's step count (configs/sd15.yaml paper_scale.rdpo_steps: 9,000)
+    assert full["backbones"]["sd15"]["paper_scale"]["rdpo_steps"] == 9000
+    assert rows["rdpo"]["projected_gpu_hours"] == pytest.approx(10.0 * 9000 / 3600)
     n_rows = len(study_rows(full["backbones"]["sd15"]))
     assert rows["sample"]["per_item_s"] == 16.0 / (2 * COUNTS["eval_prompts"])
     assert rows["sample"]["projected_gpu_hours"] == pytest.approx(1.0 * 1000 * n_rows / 3600)

@@ -43,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     step.add_argument("--build-only", action="store_true", help="only build the report from --runs-csv")
     p.add_argument("--config", default=None,
                    help="the study's config: its solver/NFE pairs that cannot run are listed in the table notes, and "
-                        "its reference solve (sample.reference_solver/_steps) is named in the RMSE note")
+                        "its reference solve (sample.reference_solver/_steps) is named in the RMSE note, and each "
+                        "backbone's paper_scale block sets the counts cost.md projects to")
     p.add_argument("--expect-rows", default=None, metavar="FILE.json",
                    help='{"backbone": ["solver", "solver@NFE", ...]}: exit 1 naming every row missing from the tables')
 
@@ -62,15 +63,17 @@ def run(args) -> int:
               f"{s['history_csv']})")
     if args.export_only:
         return 0
-    skipped = references = None
+    skipped = references = scales = None
     if args.config:
         from ..config import load_config, skipped_pairs
         from .build import rmse_references
+        from .cost import paper_scale
 
         cfg = load_config(args.config)
         skipped, references = skipped_pairs(cfg), rmse_references(cfg)
+        scales = {b: paper_scale(sec) for b, sec in (cfg.get("backbones") or {}).items()}
     written = build_report(args.runs_csv, args.out, external=args.external, backbones=args.backbones,
-                           best_within=args.best_within, skipped=skipped, references=references)
+                           best_within=args.best_within, skipped=skipped, references=references, scales=scales)
     for bb, labels in written.items():
         print(f"{args.out}/{bb}: {', '.join(labels)}")
     if expected is not None:

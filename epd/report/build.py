@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, EPDError
 from ..io import atomic_write_text, sha256_file
-from . import compute_matched, grids, plots, render
+from . import compute_matched, cost, grids, plots, render
 from .export import history_path, num, read_history, read_runs, run_field, select_latest
 from .external import IR_NOTE, ORIGINAL_SOURCE, parse_external_arg, read_external
 from .tables import (PIPELINE, Row, ScoreCache, add_paired, higher_is_better, mark_best, metric_columns, order_rows,
@@ -109,7 +109,8 @@ def _rdpo_stop_notes(rdpo: list[dict]) -> list[str]:
 
 
 def _write_backbone(bb: str, rows: list[Row], runs: list[dict], history: dict, out: Path, scores: ScoreCache,
-                    externals: dict[str, list[str]], within: str, skipped: list[str], reference: str | None) -> dict:
+                    externals: dict[str, list[str]], within: str, skipped: list[str], reference: str | None,
+                    scale: dict | None = None) -> dict:
     rows = order_rows(rows)
     metrics = metric_columns(rows)
     mark_best(rows, metrics, within)
@@ -133,7 +134,12 @@ def _write_backbone(bb: str, rows: list[Row], runs: list[dict], history: dict, o
         if not ok and (d / name).exists():
             (d / name).unlink()
     used = [r for r in runs if run_field(r, "backbone") == bb]
-    return {"labels": unique_labels(rows), "plots": [n for n, ok in made.items() if ok], "rows": len(rows),
+    costs = cost.stage_costs(runs, bb, scale)
+    if costs:
+        atomic_write_text(d / "cost.md", cost.render_cost(bb, costs, runs, scale or {}))
+    elif (d / "cost.md").exists():
+        (d / "cost.md").unlink()
+    return {"cost_hours": sum(c.projected_hours for c in costs) if costs else None, "labels": unique_labels(rows), "plots": [n for n, ok in made.items() if ok], "rows": len(rows),
             "grids": grids.write_grids(rows, d, bb),
             "git_sha": sorted({run_field(r, "git_sha") for r in used} - {""}),
             "config_hash": sorted({run_field(r, "config_hash") for r in used} - {""}),
@@ -142,7 +148,8 @@ def _write_backbone(bb: str, rows: list[Row], runs: list[dict], history: dict, o
 
 def build_report(runs_csv: str | Path, out_dir: str | Path, external=None, backbones=None, *,
                  best_within: str = "nfe", skipped: dict[str, list[str]] | None = None,
-                 references: dict[str, str] | None = None) -> dict[str, list[str]]:
+                 references: dict[str, str] | None = None,
+                 scales: dict[str, dict] | None = None) -> dict[str, list[str]]:
     """Turn an exported runs CSV (and optional original result JSONs) into tables and plots.
 
     Writes ``<out_dir>/<backbone>/table.{md,tex,csv}``, the PNG plots that have data
@@ -160,6 +167,8 @@ def build_report(runs_csv: str | Path, out_dir: str | Path, external=None, backb
             (:func:`epd.config.skipped_pairs`), listed in the table notes.
         references (`dict[str, str]`, *optional*): backbone -> the ``rmse_vs_teacher`` reference solve in words
             (:func:`rmse_references`), named once in the table notes.
+        scales (`dict[str, dict]`, *optional*): backbone -> its ``paper_scale`` block (:func:`cost.paper_scale`):
+            ``cost.md`` projects each stage's per-item time to those counts.
 
     Returns:
         `dict[str, list[str]]`: backbone -> solver labels of the rows written, in table order.
@@ -187,7 +196,8 @@ def build_report(runs_csv: str | Path, out_dir: str | Path, external=None, backb
     history = read_history(history_path(runs_csv))
     scores = ScoreCache([runs_csv.parent, runs_csv.parent.parent])
     info = {bb: _write_backbone(bb, by_bb[bb], runs, history, out, scores, externals, best_within,
-                                (skipped or {}).get(bb, []), (references or {}).get(bb)) for bb in sorted(by_bb)}
+                                (skipped or {}).get(bb, []), (references or {}).get(bb), (scales or {}).get(bb))
+            for bb in sorted(by_bb)}
     atomic_write_text(out / "README.md", _readme(info, runs_csv, best_within))
     return {bb: i["labels"] for bb, i in info.items()}
 
@@ -204,6 +214,8 @@ def _readme(info: dict, runs_csv: Path, within: str) -> str:
                   f"- Runs: git sha {', '.join(f'`{s}`' for s in i['git_sha']) or 'not recorded'}; config hash "
                   f"{', '.join(f'`{s}`' for s in i['config_hash']) or 'not recorded'}"
                   + ("; includes rows from the original RLEPD result files" if i["external"] else "")]
+        if i["cost_hours"] is not None:
+            lines.append(f"- Cost: [per stage]({bb}/cost.md), {i['cost_hours']:.3g} hours projected at paper scale")
         lines += [f"- ![{n[:-4]}]({bb}/{n})" for n in i["plots"]]
         lines += [f"- Samples: ![{n[:-4]}]({bb}/{n})" for n in i["grids"]]
         lines.append("")
