@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from _rdpo_tiny import table_bytes, tiny_trainer
-from epd.bench.rdpo import replay_stop
+from epd.bench.rdpo import replay_stop, shortfall_readings, stop_rule
 from epd.errors import ConfigError
 from epd.rdpo.stopping import PlateauStopper, paired_gain_se
 
@@ -58,6 +58,42 @@ def test_stops_after_patience_evaluations_without_a_one_se_gain(patience, stop_e
         assert st.stopped_at == 10 * stop_eval and f"over step {10 * ref_eval}" in st.reason
 
 
+def _replay(levels, guard_ok, patience, min_gain_se):
+    """The bench's replay over a planted curve: (stop evaluation, selected evaluation = best guarded so far)."""
+    e = _evals(levels)
+    st = PlateauStopper(patience, min_gain_se)
+    st.start(e[0], 0)
+    best = 0
+    for t in range(1, len(e)):
+        if guard_ok[t] and levels[t] > levels[best]:
+            best = t
+        if st.update(t, e[t], guard_ok[t]):
+            return t, best
+    return None, best
+
+
+# The two shapes measured on digits (bench rdpo): a peak early, then a plateau that wobbles below it with
+# high-reward evaluations the FD guard rejects (3 PPO epochs, evaluation every 5 steps) ...
+PEAK = [0.0, 0.9, 0.6, 1.9, 1.2, 1.1, 1.3, 0.5, 0.7, 1.6, 1.9]
+PEAK_OK = [True] * 6 + [False] + [True] * 4
+# ... and a plateau whose best guarded evaluation comes late (1 epoch, every 10 steps): evaluation 10 comes 6
+# evaluations after the last progress (4), so a rule patient enough to reach it cannot stop before the budget.
+LATE = [0.0, 1.1, 0.9, 2.4, 1.55, 2.9, 0.1, 1.45, 1.7, 1.3, 2.3, 0.95, 2.4, 1.2, 1.0, 1.8]
+LATE_OK = [True, True, True, False, True, False, True, True, False, True, True, True, False, True, True, True]
+
+
+@pytest.mark.parametrize("levels, ok, patience, expect", [
+    (PEAK, PEAK_OK, 3, (6, 3)),      # gains over step 3 are negative: 3 evaluations later it stops, keeping 3
+    (PEAK, PEAK_OK, 2, (5, 3)),
+    (PEAK, PEAK_OK, 8, (None, 3)),   # evaluation 10 ties the peak: neither progress nor selected
+    (LATE, LATE_OK, 3, (7, 4)),      # 4: 0.45 / (3 SE1) = 1.49 SE; then 5 (guard), 6, 7 without progress
+    (LATE, LATE_OK, 5, (9, 4)),
+    (LATE, LATE_OK, 6, (None, 10)),  # 10: 0.75 / (6 SE1) = 1.24 SE, progress; 11-15 are 5: the budget ends it
+])
+def test_planted_curves_stop_where_the_rule_says_and_select_the_best_guarded(levels, ok, patience, expect):
+    assert _replay(levels, ok, patience, 1.0) == expect
+
+
 def test_guard_failure_is_never_progress_and_patience_zero_never_stops():
     e = _evals(LEVELS)
     st = PlateauStopper(1, 1.0)
@@ -103,3 +139,27 @@ def test_report_notes_name_the_selected_step_and_the_reason():
             {"run_id": "b", "nfe": 7.0, "tags.preempted_at_step": "12"}]  # an interrupted run: nothing to say
     assert _rdpo_stop_notes(runs) == ["RDPO NFE 5: table from step 40 (best held-out checkpoint); training ended by "
                                       "plateau: no held-out gain of >= 1 SE over step 40 in 3 evaluation(s)."]
+
+
+@pytest.mark.parametrize("shortfall, within, within_paired", [(0.05, True, False), (0.01, True, True),
+                                                               (0.15, False, False), (-0.02, True, True)])
+def test_shortfall_read_against_the_fixed_gain_se_and_the_paired_se(shortfall, within, within_paired):
+    # base 0; fixed = 1 + ALT: gain 1 with paired SE SE1; selected = fixed - shortfall - 0.2 ALT: the paired
+    # difference fixed - selected has mean `shortfall` and SE 0.2 SE1 (SE1 ~ 0.1005)
+    base = torch.zeros(N, dtype=torch.float64)
+    fixed = 1.0 + ALT
+    sel = fixed - shortfall - 0.2 * ALT
+    r = shortfall_readings(fixed.numpy(), sel.numpy(), base.numpy())
+    assert r["early_stop_shortfall"] == pytest.approx(shortfall)
+    assert r["early_stop_fixed_gain_se"] == pytest.approx(SE1)
+    assert r["early_stop_shortfall_se"] == pytest.approx(0.2 * SE1)
+    assert (r["early_stop_within_1se"], r["early_stop_within_1se_paired"]) == (within, within_paired)
+
+
+def test_bench_replays_the_configs_rule_unless_the_command_line_names_one():
+    from epd.rdpo.trainer import RDPOConfig
+
+    on = RDPOConfig(stop_patience=4, stop_min_gain_se=0.5)
+    assert stop_rule(on, None) == {"stop_patience": 4, "stop_min_gain_se": 0.5, "from": "config"}
+    assert stop_rule(on, (2, 1.5)) == {"stop_patience": 2, "stop_min_gain_se": 1.5, "from": "command line"}
+    assert stop_rule(RDPOConfig(), None) == {"stop_patience": 3, "stop_min_gain_se": 1.0, "from": "bench default"}

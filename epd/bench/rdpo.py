@@ -78,18 +78,19 @@ def replay_stop(trainer, patience: int, min_gain_se: float) -> dict:
     stopper = PlateauStopper(patience, min_gain_se)
     best, r = trainer.evaluate(trainer.start)
     stopper.start(r, 0)
-    trainer.guard_ref, best_step = trainer.last_guard, 0
+    trainer.guard_ref, best_step, best_guard = trainer.last_guard, 0, trainer.last_guard
     steps = [h["step"] for h in trainer.history if h.get("step", 0) > 0 and "eval_reward" in h]
     for s in steps:
         state = torch.load(trainer.out / "checkpoints" / f"policy-step{s:06d}.pt", weights_only=True)
         trainer.policy.load_state_dict(state)
         mean, r = trainer.evaluate(trainer.policy.mean_table(meta=trainer.start.meta))
         if mean > best and trainer._guard_ok():
-            best, best_step = mean, s
+            best, best_step, best_guard = mean, s, trainer.last_guard
         if stopper.update(s, r, trainer._guard_ok()):
             break
     return {"stopped_at": stopper.stopped_at or steps[-1], "selected_step": best_step,
-            "reason": stopper.reason or "budget", "evaluations": len(stopper.log)}
+            "reason": stopper.reason or "budget", "evaluations": len(stopper.log),
+            "selected_guard_ratio": None if best_guard is None else best_guard / trainer.guard_ref}
 
 
 def _checkpoint_table(trainer, step: int):
@@ -98,18 +99,33 @@ def _checkpoint_table(trainer, step: int):
     return trainer.policy.mean_table(meta=trainer.start.meta)
 
 
-def _early_stop(ctx: dict, trainer, ev: dict, base: dict, fixed: dict, patience: int, min_gain_se: float) -> dict:
-    rep = replay_stop(trainer, patience, min_gain_se)
+def shortfall_readings(fixed, selected, base) -> dict:
+    """How far the early-stopped selection falls short of the fixed-budget run, per-seed rewards on the same seeds.
+
+    ``shortfall = mean(fixed - selected)``, read against two standard errors: (a) the paired SE of the fixed-budget
+    gain ``mean(fixed - base)`` (``early_stop_within_1se``: issue 20's "within 1 SE of the fixed-budget run's
+    held-out gain") and (b) the SE of the paired difference ``fixed - selected`` itself
+    (``early_stop_within_1se_paired``: stricter, as the two tables score the same seeds and noise)."""
+    vs, fg = paired_diff(fixed, selected), paired_diff(fixed, base)
+    return {"early_stop_shortfall": vs["diff"], "early_stop_shortfall_se": vs["se"],
+            "early_stop_fixed_gain_se": fg["se"], "early_stop_within_1se": bool(vs["diff"] <= fg["se"]),
+            "early_stop_within_1se_paired": bool(vs["diff"] <= vs["se"])}
+
+
+def _early_stop(ctx: dict, trainer, ev: dict, base: dict, fixed: dict, rule: dict) -> dict:
+    """The rule replayed over the fixed-budget run; its selected checkpoint against the fixed run's on the
+    evaluation seeds (:func:`shortfall_readings`)."""
+    rep = replay_stop(trainer, rule["stop_patience"], rule["stop_min_gain_se"])
     table = ctx["table"] if rep["selected_step"] == 0 else _checkpoint_table(trainer, rep["selected_step"])
     res = _score(ctx, table, ev["seeds"], ev["prompts"])
-    g, vs = _gain(res, base), _gain(fixed, res)
-    B = trainer.cfg.rollout_batch_size
+    g, fd = _gain(res, base), ev["fd"](res["images"])
     return {"early_stop_step": rep["stopped_at"], "early_stop_selected_step": rep["selected_step"],
-            "early_stop_reason": rep["reason"], "early_stop_rule": {"stop_patience": patience,
-                                                                   "stop_min_gain_se": min_gain_se},
-            "early_stop_rollouts": rep["stopped_at"] * B, "early_stop_gain": g["diff"], "early_stop_gain_se": g["in_se"],
-            "early_stop_shortfall": vs["diff"], "early_stop_shortfall_se": vs["se"],
-            "early_stop_within_1se": bool(vs["diff"] <= vs["se"]), "early_stop_fd": ev["fd"](res["images"])}
+            "early_stop_reason": rep["reason"], "early_stop_rule": rule,
+            "early_stop_rollouts": rep["stopped_at"] * trainer.cfg.rollout_batch_size,
+            "early_stop_gain": g["diff"], "early_stop_gain_se": g["in_se"],
+            **shortfall_readings(fixed["reward"].numpy(), res["reward"].numpy(), base["reward"].numpy()),
+            "early_stop_fd": fd, "early_stop_fd_ratio": fd / base["fd"],
+            "early_stop_guard_ratio": rep["selected_guard_ratio"]}
 
 
 def _efficiency(ctx: dict, workdir: Path, overrides: dict, ev: dict, base: dict, fixed_gain: float) -> dict:
@@ -180,17 +196,33 @@ def _checks(ctx: dict, workdir: Path, checks) -> dict:
     return rec
 
 
+RULE_OFF = {"stop_patience": 0, "stop_min_gain_se": 0.0}
+
+
+def stop_rule(rcfg, stop: tuple[int, float] | None) -> dict:
+    """The rule the bench replays: ``stop`` (``--stop-patience``/``--stop-min-gain-se``) if given, else the config's
+    own when it turns one on, else patience 3 at 1 SE."""
+    if stop is not None:
+        return {"stop_patience": int(stop[0]), "stop_min_gain_se": float(stop[1]), "from": "command line"}
+    if rcfg.stop_patience > 0:
+        return {"stop_patience": rcfg.stop_patience, "stop_min_gain_se": rcfg.stop_min_gain_se, "from": "config"}
+    return {"stop_patience": 3, "stop_min_gain_se": 1.0, "from": "bench default"}
+
+
 def bench_rdpo(config: str, workdir: Path, weights: str | None = None, nfe: int = 5, n_eval: int = 1000,
-               steps: int | None = None, stop: tuple[int, float] = (3, 1.0), efficient: dict | None = None,
+               steps: int | None = None, stop: tuple[int, float] | None = None, efficient: dict | None = None,
                checks: bool | str = True) -> dict:
+    """The fixed-budget run is the config's RDPO for all its ``steps`` with the plateau rule off (a config that
+    turns the rule on is replayed with it, see :func:`stop_rule`)."""
+    from dataclasses import replace
+
     from ..predictor import load
 
     t0 = time.time()
     ctx = _prepare(config, workdir, weights, nfe)
     checked = _checks(ctx, workdir, checks)  # short runs: first, independent of the rest
-    rcfg = ctx["rcfg"]
-    if steps:
-        rcfg.steps = steps
+    rule = stop_rule(ctx["rcfg"], stop)
+    rcfg = ctx["rcfg"] = replace(ctx["rcfg"], **RULE_OFF, **({"steps": steps} if steps else {}))
     t_rdpo = time.time()
     trainer = _trainer(ctx, rcfg, workdir / "rdpo")
     best = trainer.train()
@@ -204,7 +236,7 @@ def bench_rdpo(config: str, workdir: Path, weights: str | None = None, nfe: int 
         r["fd"] = ev["fd"](r["images"])
     rec = {"benchmark": "rdpo", "backbone": "digits", "config": config, "nfe": nfe, "rewards": rcfg.rewards,
            "advantage": rcfg.advantage, "steps": rcfg.steps, **_fixed_record(ctx, trainer, best, res, tuned, n_eval, seeds)}
-    rec.update(_early_stop(ctx, trainer, ev, res["distilled"], res["rdpo"], *stop))
+    rec.update(_early_stop(ctx, trainer, ev, res["distilled"], res["rdpo"], rule))
     rec.update(_efficiency(ctx, workdir, EFFICIENT if efficient is None else efficient, ev, res["distilled"],
                            rec["paired_diff"]))
     rec.update(checked)
@@ -230,13 +262,24 @@ def add_arguments(p):
     p.add_argument("--workdir", default=None, help="keep (and reuse: finished runs resume) the bench's run folders")
     p.add_argument("--steps", type=int, default=None, help="override rdpo.steps")
     p.add_argument("--n-eval", type=int, default=1000)
-    p.add_argument("--stop-patience", type=int, default=3, help="plateau rule replayed on the fixed-budget run")
-    p.add_argument("--stop-min-gain-se", type=float, default=1.0,
-                   help="plateau rule: the least paired held-out gain, in standard errors, that counts as progress")
+    p.add_argument("--stop-patience", type=int, default=None,
+                   help="plateau rule replayed on the fixed-budget run (default: the config's rdpo.stop_patience "
+                        "when it is on, else 3)")
+    p.add_argument("--stop-min-gain-se", type=float, default=None,
+                   help="plateau rule: the least paired held-out gain, in standard errors, that counts as progress "
+                        "(default: the config's rdpo.stop_min_gain_se when the rule is on there, else 1)")
     p.add_argument("--efficient", nargs="*", default=None, metavar="KEY=VALUE",
                    help=f"rdpo overrides of the one-third-budget run (default: {EFFICIENT})")
     p.add_argument("--no-checks", action="store_true", help="skip the --gpus 2 identity and preemption runs")
     p.add_argument("--checks-json", default=None, help="take those runs' keys from this earlier JSON instead")
+
+
+def _stop_flags(args) -> tuple[int, float] | None:
+    from ..errors import ConfigError
+
+    if (args.stop_patience is None) != (args.stop_min_gain_se is None):
+        raise ConfigError("--stop-patience and --stop-min-gain-se: give both (or neither: the config's rule)")
+    return None if args.stop_patience is None else (args.stop_patience, args.stop_min_gain_se)
 
 
 def run(args):
@@ -245,7 +288,7 @@ def run(args):
         wd = Path(args.workdir or tmp)
         wd.mkdir(parents=True, exist_ok=True)
         rec = bench_rdpo(args.config, wd, args.weights, n_eval=args.n_eval, steps=args.steps,
-                         stop=(args.stop_patience, args.stop_min_gain_se), efficient=eff,
+                         stop=_stop_flags(args), efficient=eff,
                          checks=args.checks_json or not args.no_checks)
     atomic_write_json(args.out, rec)
     print(f"reward distilled {rec['reward_distilled']:.5f} -> rdpo {rec['reward_rdpo']:.5f}: "
