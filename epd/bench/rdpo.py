@@ -8,8 +8,12 @@ sets against the held-out real digits (equal counts).
 
 What RDPO costs (issue 20), on the same evaluation seeds:
 
-* ``early_stop_*``: the plateau rule (``--stop-patience``, ``--stop-min-gain-se``) replayed over the fixed-budget
-  run's saved checkpoints, which is what a live run with the rule sees (training does not depend on it);
+* the fixed-budget run is the config's RDPO for all its ``steps`` with the plateau rule off;
+* ``early_stop_*``: the plateau rule (the config's when it turns one on, else ``--stop-patience``,
+  ``--stop-min-gain-se``) replayed over the fixed-budget run's saved checkpoints, which is what a live run with the
+  rule sees (training does not depend on it); the selected checkpoint's shortfall against the fixed-budget one is
+  read against the fixed gain's SE and against the paired difference's SE (:func:`shortfall_readings`), with the
+  held-out selection images spent beside the rollouts;
 * ``efficient_*`` / ``rollouts_to_90pct``: a run with a third of the steps and the ``--efficient`` overrides
   (default: rollouts reused over 3 PPO epochs), its selected checkpoint's share of the fixed-budget gain;
 * ``dp_identity_max_abs_diff``: ``epd rdpo --gpus 2`` (gloo on the CPU) against one process, same global batch;
@@ -69,28 +73,33 @@ def _gain(a: dict, b: dict) -> dict:
 
 
 def replay_stop(trainer, patience: int, min_gain_se: float) -> dict:
-    """The plateau rule over a finished run's saved checkpoints: the step it stops at and the checkpoint the
-    run would have selected by then (each evaluation recomputed from ``policy-step*.pt``)."""
+    """The plateau rule over a finished run's saved checkpoints: the step it stops at, the checkpoint the run
+    would have selected by then (each evaluation recomputed from ``policy-step*.pt``) and the curve it saw."""
     from ..rdpo.stopping import PlateauStopper
 
     if not trainer.history:
         trainer.try_resume()
     stopper = PlateauStopper(patience, min_gain_se)
-    best, r = trainer.evaluate(trainer.start)
-    stopper.start(r, 0)
-    trainer.guard_ref, best_step, best_guard = trainer.last_guard, 0, trainer.last_guard
+    best, r0 = trainer.evaluate(trainer.start)
+    stopper.start(r0, 0)
+    trainer.guard_ref, best_step, best_guard, curve = trainer.last_guard, 0, trainer.last_guard, []
     steps = [h["step"] for h in trainer.history if h.get("step", 0) > 0 and "eval_reward" in h]
     for s in steps:
         state = torch.load(trainer.out / "checkpoints" / f"policy-step{s:06d}.pt", weights_only=True)
         trainer.policy.load_state_dict(state)
         mean, r = trainer.evaluate(trainer.policy.mean_table(meta=trainer.start.meta))
-        if mean > best and trainer._guard_ok():
+        ok = trainer._guard_ok()
+        curve.append({"step": s, "gain": float((r - r0).mean()), "guard_ok": ok,
+                      "guard_ratio": None if trainer.last_guard is None else trainer.last_guard / trainer.guard_ref})
+        if mean > best and ok:
             best, best_step, best_guard = mean, s, trainer.last_guard
-        if stopper.update(s, r, trainer._guard_ok()):
+        if stopper.update(s, r, ok):
             break
     return {"stopped_at": stopper.stopped_at or steps[-1], "selected_step": best_step,
             "reason": stopper.reason or "budget", "evaluations": len(stopper.log),
-            "selected_guard_ratio": None if best_guard is None else best_guard / trainer.guard_ref}
+            "selected_guard_ratio": None if best_guard is None else best_guard / trainer.guard_ref,
+            "curve": [{**c, "gain_se_over_ref": e["gain_se"] if math.isfinite(e["gain_se"]) else None, "progress": e["progress"]}
+                      for c, e in zip(curve, stopper.log)]}
 
 
 def _checkpoint_table(trainer, step: int):
@@ -122,10 +131,11 @@ def _early_stop(ctx: dict, trainer, ev: dict, base: dict, fixed: dict, rule: dic
     return {"early_stop_step": rep["stopped_at"], "early_stop_selected_step": rep["selected_step"],
             "early_stop_reason": rep["reason"], "early_stop_rule": rule,
             "early_stop_rollouts": rep["stopped_at"] * trainer.cfg.rollout_batch_size,
+            "early_stop_eval_images": (rep["evaluations"] + 1) * len(trainer.eval_seeds),
             "early_stop_gain": g["diff"], "early_stop_gain_se": g["in_se"],
             **shortfall_readings(fixed["reward"].numpy(), res["reward"].numpy(), base["reward"].numpy()),
             "early_stop_fd": fd, "early_stop_fd_ratio": fd / base["fd"],
-            "early_stop_guard_ratio": rep["selected_guard_ratio"]}
+            "early_stop_guard_ratio": rep["selected_guard_ratio"], "early_stop_curve": rep["curve"]}
 
 
 def _efficiency(ctx: dict, workdir: Path, overrides: dict, ev: dict, base: dict, fixed_gain: float) -> dict:
@@ -177,6 +187,7 @@ def _fixed_record(ctx: dict, trainer, best: dict, res: dict, tuned, n_eval: int,
         "train_reward_first": next((h["mixed_reward_mean"] for h in hist if "mixed_reward_mean" in h), None),
         "train_reward_last": next((h["mixed_reward_mean"] for h in reversed(hist) if "mixed_reward_mean" in h), None),
         "rollouts_fixed": trainer.step * rcfg.rollout_batch_size,
+        "eval_images_fixed": sum("eval_reward" in h for h in hist) * len(ctx["es"]),  # held-out selection images
         "table_distilled": {"positions": table.positions.tolist(), "weights": table.weights.tolist()},
         "table_rdpo": {"positions": tuned.positions.tolist(), "weights": tuned.weights.tolist()},
     }
