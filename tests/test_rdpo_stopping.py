@@ -163,3 +163,11 @@ def test_bench_replays_the_configs_rule_unless_the_command_line_names_one():
     assert stop_rule(on, None) == {"stop_patience": 4, "stop_min_gain_se": 0.5, "from": "config"}
     assert stop_rule(on, (2, 1.5)) == {"stop_patience": 2, "stop_min_gain_se": 1.5, "from": "command line"}
     assert stop_rule(RDPOConfig(), None) == {"stop_patience": 3, "stop_min_gain_se": 1.0, "from": "bench default"}
+    from argparse import Namespace
+
+    from epd.bench.rdpo import _stop_flags
+
+    assert _stop_flags(Namespace(stop_patience=None, stop_min_gain_se=None)) is None
+    assert _stop_flags(Namespace(stop_patience=6, stop_min_gain_se=0.5)) == (6, 0.5)
+    with pytest.raises(ConfigError, match="--stop-patience and --stop-min-gain-se"):
+        _stop_flags(Namespace(stop_patience=6, stop_min_gain_se=None))

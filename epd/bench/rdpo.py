@@ -98,8 +98,8 @@ def replay_stop(trainer, patience: int, min_gain_se: float) -> dict:
     return {"stopped_at": stopper.stopped_at or steps[-1], "selected_step": best_step,
             "reason": stopper.reason or "budget", "evaluations": len(stopper.log),
             "selected_guard_ratio": None if best_guard is None else best_guard / trainer.guard_ref,
-            "curve": [{**c, "gain_se_over_ref": e["gain_se"] if math.isfinite(e["gain_se"]) else None, "progress": e["progress"]}
-                      for c, e in zip(curve, stopper.log)]}
+            "curve": [{**c, "gain_se_over_ref": e["gain_se"] if math.isfinite(e["gain_se"]) else None,
+                       "progress": e["progress"]} for c, e in zip(curve, stopper.log)]}
 
 
 def _checkpoint_table(trainer, step: int):
@@ -194,8 +194,8 @@ def _fixed_record(ctx: dict, trainer, best: dict, res: dict, tuned, n_eval: int,
 
 
 def _checks(ctx: dict, workdir: Path, checks) -> dict:
-    """``checks``: True runs the DP/preemption identities, False skips them, a path reuses the JSON that
-    :func:`~epd.bench.rdpo_checks.dp_and_preempt` wrote for the same config (on a contended machine)."""
+    """``checks``: True runs the DP/preemption identities, False skips them, a path reuses their keys from a JSON
+    that :func:`~epd.bench.rdpo_checks.dp_and_preempt` (or an earlier bench) wrote for the same config."""
     if checks is True:
         return dp_and_preempt(ctx, workdir)
     if not checks:
@@ -203,6 +203,7 @@ def _checks(ctx: dict, workdir: Path, checks) -> dict:
     import json
 
     rec = json.loads(Path(checks).read_text())
+    rec = {k: rec[k] for k in ("dp_identity_max_abs_diff", "preempt_resume_identical", "checks") if k in rec}
     rec["checks"] = {**rec.get("checks", {}), "from": str(checks)}
     return rec
 
