@@ -12,7 +12,7 @@ import torch
 from _rdpo_tiny import table_bytes, tiny_trainer
 from epd.bench.rdpo import replay_stop, shortfall_readings, stop_rule
 from epd.errors import ConfigError
-from epd.rdpo.stopping import PlateauStopper, paired_gain_se
+from epd.rdpo.stopping import PlateauStopper, make_stopper, paired_gain_se, slope_with_se
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -94,6 +94,36 @@ def test_planted_curves_stop_where_the_rule_says_and_select_the_best_guarded(lev
     assert _replay(levels, ok, patience, 1.0) == expect
 
 
+def test_slope_and_its_standard_error_by_hand():
+    assert slope_with_se([0, 5, 10], [1, 11, 21]) == (2.0, 0.0)
+    # dx = (-1.5, -0.5, 0.5, 1.5), Sxx = 5, slope 1 / 5; residuals (-0.2, 0.6, -0.6, 0.2): SE sqrt(0.8 / 2 / 5)
+    b, se = slope_with_se([0, 1, 2, 3], [0, 1, 0, 1])
+    assert b == pytest.approx(0.2) and se == pytest.approx(math.sqrt(0.08))
+
+
+TREND = [0.0, 1.0, 2.0, 3.0, 3.0, 2.9, 2.8]  # evaluations every 10 steps
+
+
+@pytest.mark.parametrize("slope_se, guard_fail, stop_step, slope, se", [
+    # steps 30-50: levels 3, 3, 2.9: slope -0.005 per step, residuals (-1, 2, -1) / 60: SE sqrt(1 / 120000)
+    (1.0, None, 50, -0.005, math.sqrt(1 / 120000)),   # -0.005 + 0.00289 <= 0
+    (0.0, None, 50, -0.005, math.sqrt(1 / 120000)),
+    (2.0, None, 60, -0.01, 0.0),                      # -0.005 + 0.00577 > 0; steps 40-60 lie on a line
+    # 50 fails the guard: no test there; steps 30, 40, 60: slope -1 / 140, SE sqrt(0.002857 / 466.67)
+    (1.0, 5, 60, -1 / 140, math.sqrt((2 / 700) / (1400 / 3))),
+])
+def test_trend_rule_stops_once_the_guarded_slope_is_not_positive(slope_se, guard_fail, stop_step, slope, se):
+    e = _evals(TREND)
+    st = make_stopper("trend", stop_window=3, stop_slope_se=slope_se)
+    st.start(e[0], 0)
+    stopped = next((10 * t for t in range(1, len(e)) if st.update(10 * t, e[t], guard_ok=t != guard_fail)), None)
+    assert stopped == stop_step == st.stopped_at
+    last = st.log[-1]
+    assert last["slope"] == pytest.approx(slope) and last["slope_se"] == pytest.approx(se, abs=1e-12)
+    assert "slope" not in st.log[1] and st.reason.startswith("trend:")  # fewer than 3 guarded points: no test
+    assert [x["gain_se"] for x in st.log] == pytest.approx([paired_gain_se(e[t], e[0]) for t in range(1, len(st.log) + 1)])
+
+
 def test_guard_failure_is_never_progress_and_patience_zero_never_stops():
     e = _evals(LEVELS)
     st = PlateauStopper(1, 1.0)
@@ -102,22 +132,27 @@ def test_guard_failure_is_never_progress_and_patience_zero_never_stops():
     off = PlateauStopper(0, 1.0)
     off.start(e[0], 0)
     assert not any(off.update(10 * t, e[1]) for t in range(1, 20)) and len(off.log) == 19
-    for bad in ({"stop_patience": -1}, {"stop_min_gain_se": -0.5}, {"stop_min_gain_se": math.nan}):
+    for bad in ({"stop_patience": -1}, {"stop_min_gain_se": -0.5}, {"stop_min_gain_se": math.nan},
+                {"stop_rule": "slope"}, {"stop_window": 2}, {"stop_window": 4.5}, {"stop_slope_se": -1.0}):
         with pytest.raises(ConfigError, match="rdpo.stop_"):
             tiny_trainer("unused", **bad)
 
 
-def test_live_stop_equals_rule_replayed_on_the_full_run(tmp_path):
+@pytest.mark.parametrize("rule, reason", [({"stop_patience": 2, "stop_min_gain_se": 25.0}, "plateau"),
+                                          ({"stop_rule": "trend", "stop_window": 3, "stop_slope_se": 0.0}, "trend")])
+def test_live_stop_equals_rule_replayed_on_the_full_run(tmp_path, rule, reason):
     full = tiny_trainer(tmp_path / "full", steps=12)
     full.train()
-    rep = replay_stop(tiny_trainer(tmp_path / "full", steps=12), 2, 25.0)
+    rep = replay_stop(tiny_trainer(tmp_path / "full", steps=12), **rule)
     assert rep["stopped_at"] < 12, "the rule must stop this run early for the test to mean anything"
-    live = tiny_trainer(tmp_path / "live", steps=12, stop_patience=2, stop_min_gain_se=25.0)
+    live = tiny_trainer(tmp_path / "live", steps=12, **rule)
     live.train()
     stop = json.loads((tmp_path / "live" / "stop.json").read_text())
     assert live.step == stop["stopped_at"] == rep["stopped_at"]
-    assert stop["selected_step"] == rep["selected_step"] and stop["reason"].startswith("plateau")
-    strip = lambda h: [{k: v for k, v in r.items() if k != "elapsed_sec"} for r in h]  # noqa: E731
+    assert stop["selected_step"] == rep["selected_step"] and stop["reason"].startswith(reason)
+    # the trend rule logs each evaluation's gain over the start, the plateau rule (the full run's) over its reference
+    drop = {"elapsed_sec"} | ({"eval_gain_se"} if reason == "trend" else set())
+    strip = lambda h: [{k: v for k, v in r.items() if k not in drop} for r in h]  # noqa: E731
     assert strip(live.history) == strip(full.history)[: len(live.history)]
     sel = torch.load(tmp_path / "full" / "checkpoints" / f"policy-step{rep['selected_step']:06d}.pt")
     full.policy.load_state_dict(sel)
@@ -126,7 +161,7 @@ def test_live_stop_equals_rule_replayed_on_the_full_run(tmp_path):
     assert torch.equal(load(tmp_path / "live" / "table_best.safetensors").positions,
                        full.policy.mean_table(meta=full.start.meta).positions)
     before = table_bytes(tmp_path / "live")
-    again = tiny_trainer(tmp_path / "live", steps=12, stop_patience=2, stop_min_gain_se=25.0)
+    again = tiny_trainer(tmp_path / "live", steps=12, **rule)
     again.train()  # a finished (stopped) run does not train on when its command runs again
     assert again.step == live.step and table_bytes(tmp_path / "live") == before
 
@@ -157,17 +192,20 @@ def test_shortfall_read_against_the_fixed_gain_se_and_the_paired_se(shortfall, w
 
 
 def test_bench_replays_the_configs_rule_unless_the_command_line_names_one():
-    from epd.rdpo.trainer import RDPOConfig
-
-    on = RDPOConfig(stop_patience=4, stop_min_gain_se=0.5)
-    assert stop_rule(on, None) == {"stop_patience": 4, "stop_min_gain_se": 0.5, "from": "config"}
-    assert stop_rule(on, (2, 1.5)) == {"stop_patience": 2, "stop_min_gain_se": 1.5, "from": "command line"}
-    assert stop_rule(RDPOConfig(), None) == {"stop_patience": 3, "stop_min_gain_se": 1.0, "from": "bench default"}
     from argparse import Namespace
 
     from epd.bench.rdpo import _stop_flags
+    from epd.rdpo.trainer import RDPOConfig
 
-    assert _stop_flags(Namespace(stop_patience=None, stop_min_gain_se=None)) is None
-    assert _stop_flags(Namespace(stop_patience=6, stop_min_gain_se=0.5)) == (6, 0.5)
-    with pytest.raises(ConfigError, match="--stop-patience and --stop-min-gain-se"):
-        _stop_flags(Namespace(stop_patience=6, stop_min_gain_se=None))
+    on = RDPOConfig(stop_patience=4, stop_min_gain_se=0.5)
+    assert stop_rule(on) == {"stop_patience": 4, "stop_min_gain_se": 0.5, "from": "config"}
+    assert stop_rule(on, {"stop_patience": 2}) == {"stop_patience": 2, "stop_min_gain_se": 0.5,
+                                                   "from": "config and command line"}
+    assert stop_rule(RDPOConfig()) == {"stop_patience": 3, "stop_min_gain_se": 1.0, "from": "bench default"}
+    trend = RDPOConfig(stop_rule="trend", stop_window=5)
+    assert stop_rule(trend) == {"stop_rule": "trend", "stop_window": 5, "stop_slope_se": 1.0, "from": "config"}
+    assert stop_rule(RDPOConfig(), {"stop_rule": "trend"})["stop_window"] == 6
+    args = Namespace(stop_rule=None, stop_patience=6, stop_min_gain_se=None, stop_window=None, stop_slope_se=None)
+    assert _stop_flags(args) == {"stop_patience": 6}
+    with pytest.raises(ConfigError, match="rdpo.stop_window"):
+        stop_rule(trend, {"stop_window": 2})

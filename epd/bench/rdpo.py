@@ -32,6 +32,7 @@ import torch
 
 from ..io import atomic_write_json
 from ..metrics.stats import paired_diff
+from ..rdpo.stopping import STOP_KEYS, STOP_RULES, make_stopper
 from .rdpo_checks import dp_and_preempt
 from .study import distilled_table, ensure_backbone, eval_set, load_study, machine, run_solver
 
@@ -72,14 +73,13 @@ def _gain(a: dict, b: dict) -> dict:
     return {**pd, "in_se": pd["diff"] / pd["se"] if pd["se"] > 0 else None}
 
 
-def replay_stop(trainer, patience: int, min_gain_se: float) -> dict:
-    """The plateau rule over a finished run's saved checkpoints: the step it stops at, the checkpoint the run
-    would have selected by then (each evaluation recomputed from ``policy-step*.pt``) and the curve it saw."""
-    from ..rdpo.stopping import PlateauStopper
-
+def replay_stop(trainer, **rule) -> dict:
+    """A stopping rule (``rdpo.stop_*`` keys, :func:`~epd.rdpo.stopping.make_stopper`) over a finished run's saved
+    checkpoints: the step it stops at, the checkpoint the run would have selected by then (each evaluation
+    recomputed from ``policy-step*.pt``) and the curve it saw."""
     if not trainer.history:
         trainer.try_resume()
-    stopper = PlateauStopper(patience, min_gain_se)
+    stopper = make_stopper(**rule)
     best, r0 = trainer.evaluate(trainer.start)
     stopper.start(r0, 0)
     trainer.guard_ref, best_step, best_guard, curve = trainer.last_guard, 0, trainer.last_guard, []
@@ -98,8 +98,8 @@ def replay_stop(trainer, patience: int, min_gain_se: float) -> dict:
     return {"stopped_at": stopper.stopped_at or steps[-1], "selected_step": best_step,
             "reason": stopper.reason or "budget", "evaluations": len(stopper.log),
             "selected_guard_ratio": None if best_guard is None else best_guard / trainer.guard_ref,
-            "curve": [{**c, "gain_se_over_ref": e["gain_se"] if math.isfinite(e["gain_se"]) else None,
-                       "progress": e["progress"]} for c, e in zip(curve, stopper.log)]}
+            "curve": [{**c, **{k: v if not isinstance(v, float) or math.isfinite(v) else None
+                               for k, v in e.items() if k not in c}} for c, e in zip(curve, stopper.log)]}
 
 
 def _checkpoint_table(trainer, step: int):
@@ -124,7 +124,7 @@ def shortfall_readings(fixed, selected, base) -> dict:
 def _early_stop(ctx: dict, trainer, ev: dict, base: dict, fixed: dict, rule: dict) -> dict:
     """The rule replayed over the fixed-budget run; its selected checkpoint against the fixed run's on the
     evaluation seeds (:func:`shortfall_readings`)."""
-    rep = replay_stop(trainer, rule["stop_patience"], rule["stop_min_gain_se"])
+    rep = replay_stop(trainer, **{k: v for k, v in rule.items() if k in STOP_KEYS})
     table = ctx["table"] if rep["selected_step"] == 0 else _checkpoint_table(trainer, rep["selected_step"])
     res = _score(ctx, table, ev["seeds"], ev["prompts"])
     g, fd = _gain(res, base), ev["fd"](res["images"])
@@ -208,21 +208,25 @@ def _checks(ctx: dict, workdir: Path, checks) -> dict:
     return rec
 
 
-RULE_OFF = {"stop_patience": 0, "stop_min_gain_se": 0.0}
+RULE_OFF = {"stop_rule": "plateau", "stop_patience": 0}
 
 
-def stop_rule(rcfg, stop: tuple[int, float] | None) -> dict:
-    """The rule the bench replays: ``stop`` (``--stop-patience``/``--stop-min-gain-se``) if given, else the config's
-    own when it turns one on, else patience 3 at 1 SE."""
-    if stop is not None:
-        return {"stop_patience": int(stop[0]), "stop_min_gain_se": float(stop[1]), "from": "command line"}
-    if rcfg.stop_patience > 0:
-        return {"stop_patience": rcfg.stop_patience, "stop_min_gain_se": rcfg.stop_min_gain_se, "from": "config"}
-    return {"stop_patience": 3, "stop_min_gain_se": 1.0, "from": "bench default"}
+def stop_rule(rcfg, given: dict | None = None) -> dict:
+    """The rule the bench replays: the config's ``stop_*`` keys when its rule is on, else the plateau rule with
+    patience 3 at 1 SE; keys given on the command line (``given``) replace single ones."""
+    on = rcfg.stop_rule != "plateau" or rcfg.stop_patience > 0
+    rule = {k: getattr(rcfg, k) for k in STOP_KEYS}
+    if not on:
+        rule.update(stop_patience=3, stop_min_gain_se=1.0)
+    rule.update(given or {})
+    make_stopper(**rule)  # bad values fail here, naming the key
+    keep = STOP_KEYS[1:3] if rule["stop_rule"] == "plateau" else (STOP_KEYS[0],) + STOP_KEYS[3:]
+    src = "config" if on else "bench default"
+    return {**{k: rule[k] for k in keep}, "from": src + (" and command line" if given else "")}
 
 
 def bench_rdpo(config: str, workdir: Path, weights: str | None = None, nfe: int = 5, n_eval: int = 1000,
-               steps: int | None = None, stop: tuple[int, float] | None = None, efficient: dict | None = None,
+               steps: int | None = None, stop: dict | None = None, efficient: dict | None = None,
                checks: bool | str = True) -> dict:
     """The fixed-budget run is the config's RDPO for all its ``steps`` with the plateau rule off (a config that
     turns the rule on is replayed with it, see :func:`stop_rule`)."""
@@ -274,24 +278,23 @@ def add_arguments(p):
     p.add_argument("--workdir", default=None, help="keep (and reuse: finished runs resume) the bench's run folders")
     p.add_argument("--steps", type=int, default=None, help="override rdpo.steps")
     p.add_argument("--n-eval", type=int, default=1000)
-    p.add_argument("--stop-patience", type=int, default=None,
-                   help="plateau rule replayed on the fixed-budget run (default: the config's rdpo.stop_patience "
-                        "when it is on, else 3)")
+    p.add_argument("--stop-rule", choices=STOP_RULES, default=None,
+                   help="stopping rule replayed on the fixed-budget run (default: the config's when it turns one on, "
+                        "else plateau with patience 3 at 1 SE); the --stop-* flags replace single rdpo.stop_* keys")
+    p.add_argument("--stop-patience", type=int, default=None, help="plateau: evaluations without progress")
     p.add_argument("--stop-min-gain-se", type=float, default=None,
-                   help="plateau rule: the least paired held-out gain, in standard errors, that counts as progress "
-                        "(default: the config's rdpo.stop_min_gain_se when the rule is on there, else 1)")
+                   help="plateau: the least paired held-out gain, in standard errors, that counts as progress")
+    p.add_argument("--stop-window", type=int, default=None, help="trend: guarded evaluations in the slope fit")
+    p.add_argument("--stop-slope-se", type=float, default=None,
+                   help="trend: stop when slope + this many SE of the slope <= 0")
     p.add_argument("--efficient", nargs="*", default=None, metavar="KEY=VALUE",
                    help=f"rdpo overrides of the one-third-budget run (default: {EFFICIENT})")
     p.add_argument("--no-checks", action="store_true", help="skip the --gpus 2 identity and preemption runs")
     p.add_argument("--checks-json", default=None, help="take those runs' keys from this earlier JSON instead")
 
 
-def _stop_flags(args) -> tuple[int, float] | None:
-    from ..errors import ConfigError
-
-    if (args.stop_patience is None) != (args.stop_min_gain_se is None):
-        raise ConfigError("--stop-patience and --stop-min-gain-se: give both (or neither: the config's rule)")
-    return None if args.stop_patience is None else (args.stop_patience, args.stop_min_gain_se)
+def _stop_flags(args) -> dict:
+    return {k: getattr(args, k) for k in STOP_KEYS if getattr(args, k) is not None}
 
 
 def run(args):
