@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import atomic_write_json
+from ..io import atomic_write_json, parse_seeds
 from ..metrics.stats import paired_diff
 from ..rdpo.stopping import STOP_KEYS, STOP_RULES, make_stopper
 from .rdpo_checks import dp_and_preempt
@@ -138,6 +138,31 @@ def _early_stop(ctx: dict, trainer, ev: dict, base: dict, fixed: dict, rule: dic
             "early_stop_guard_ratio": rep["selected_guard_ratio"], "early_stop_curve": rep["curve"]}
 
 
+def _seed_rows(ctx: dict, workdir: Path, rule: dict, ev: dict, base: dict, run_seeds: list[int]) -> dict:
+    """The rule against the fixed budget for several RDPO run seeds (``rdpo.seed``; the same start table, selection
+    and evaluation seeds): per seed, the fixed run's best checkpoint, where the rule stops and what it selects."""
+    from dataclasses import replace
+
+    from ..predictor import load
+
+    rows = []
+    for seed in run_seeds:
+        out = workdir / ("rdpo" if seed == ctx["rcfg"].seed else f"rdpo_seed{seed}")
+        tr = _trainer(ctx, replace(ctx["rcfg"], seed=seed), out)
+        best = tr.train()
+        fixed = _score(ctx, load(out / "table_best.safetensors"), ev["seeds"], ev["prompts"])
+        rep = replay_stop(tr, **{k: v for k, v in rule.items() if k in STOP_KEYS})
+        sel = fixed if rep["selected_step"] == best["step"] else _score(
+            ctx, ctx["table"] if rep["selected_step"] == 0 else _checkpoint_table(tr, rep["selected_step"]),
+            ev["seeds"], ev["prompts"])
+        r = shortfall_readings(fixed["reward"].numpy(), sel["reward"].numpy(), base["reward"].numpy())
+        rows.append({"seed": seed, "fixed_best_step": best["step"], "fixed_gain": _gain(fixed, base)["diff"],
+                     "stop_step": rep["stopped_at"], "selected_step": rep["selected_step"],
+                     **{k.replace("early_stop_", ""): v for k, v in r.items()}})
+    return {"early_stop_seeds": rows, "early_stop_seeds_within_1se": sum(r["within_1se"] for r in rows),
+            "early_stop_seeds_within_1se_paired": sum(r["within_1se_paired"] for r in rows)}
+
+
 def _efficiency(ctx: dict, workdir: Path, overrides: dict, ev: dict, base: dict, fixed_gain: float) -> dict:
     from dataclasses import replace
 
@@ -227,7 +252,7 @@ def stop_rule(rcfg, given: dict | None = None) -> dict:
 
 def bench_rdpo(config: str, workdir: Path, weights: str | None = None, nfe: int = 5, n_eval: int = 1000,
                steps: int | None = None, stop: dict | None = None, efficient: dict | None = None,
-               checks: bool | str = True) -> dict:
+               checks: bool | str = True, run_seeds: list[int] | None = None) -> dict:
     """The fixed-budget run is the config's RDPO for all its ``steps`` with the plateau rule off (a config that
     turns the rule on is replayed with it, see :func:`stop_rule`)."""
     from dataclasses import replace
@@ -255,6 +280,8 @@ def bench_rdpo(config: str, workdir: Path, weights: str | None = None, nfe: int 
     rec.update(_early_stop(ctx, trainer, ev, res["distilled"], res["rdpo"], rule))
     rec.update(_efficiency(ctx, workdir, EFFICIENT if efficient is None else efficient, ev, res["distilled"],
                            rec["paired_diff"]))
+    if run_seeds:
+        rec.update(_seed_rows(ctx, workdir, rule, ev, res["distilled"], run_seeds))
     rec.update(checked)
     rec.update({"rdpo_seconds": round(rdpo_seconds, 1), "seconds": round(time.time() - t0, 1), "machine": machine()})
     return rec
@@ -287,6 +314,8 @@ def add_arguments(p):
     p.add_argument("--stop-window", type=int, default=None, help="trend: guarded evaluations in the slope fit")
     p.add_argument("--stop-slope-se", type=float, default=None,
                    help="trend: stop when slope + this many SE of the slope <= 0")
+    p.add_argument("--run-seeds", default=None,
+                   help="RDPO run seeds (rdpo.seed) to replay the rule on as well, e.g. 0-4: early_stop_seeds")
     p.add_argument("--efficient", nargs="*", default=None, metavar="KEY=VALUE",
                    help=f"rdpo overrides of the one-third-budget run (default: {EFFICIENT})")
     p.add_argument("--no-checks", action="store_true", help="skip the --gpus 2 identity and preemption runs")
@@ -304,7 +333,8 @@ def run(args):
         wd.mkdir(parents=True, exist_ok=True)
         rec = bench_rdpo(args.config, wd, args.weights, n_eval=args.n_eval, steps=args.steps,
                          stop=_stop_flags(args), efficient=eff,
-                         checks=args.checks_json or not args.no_checks)
+                         checks=args.checks_json or not args.no_checks,
+                         run_seeds=parse_seeds(args.run_seeds) if args.run_seeds else None)
     atomic_write_json(args.out, rec)
     print(f"reward distilled {rec['reward_distilled']:.5f} -> rdpo {rec['reward_rdpo']:.5f}: "
           f"diff {rec['paired_diff']:.5f} +- {rec['paired_se']:.5f} (p={rec['paired_p']:.2g}); "
