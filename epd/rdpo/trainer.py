@@ -16,8 +16,9 @@ Per PPO step:
 Checkpoints hold policy, optimizer, every RNG state, the step, the stopping state and the metrics so far, so a
 killed or preempted run (:mod:`epd.rdpo.preempt`) continues exactly. A held-out prompt set (disjoint from the
 final test prompts) with fixed seeds evaluates the policy mean every ``eval_interval`` steps and selects the best
-checkpoint, which is exported as the RDPO table; a plateau rule on the same paired evaluations
-(:mod:`epd.rdpo.stopping`, ``stop_patience``/``stop_min_gain_se``) may end the run before ``steps``.
+checkpoint, which is exported as the RDPO table; a stopping rule on the same evaluations
+(:mod:`epd.rdpo.stopping`: ``stop_rule`` plateau with ``stop_patience``/``stop_min_gain_se``, or trend with
+``stop_window``/``stop_slope_se``) may end the run before ``steps``.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from ..solvers.epd import sample_epd
 from ..table import EPDTable
 from .policy import EPDParamPolicy
 from .ranks import Ranks
-from .stopping import PlateauStopper
+from .stopping import STOP_KEYS, make_stopper
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,11 @@ class RDPOConfig:
     eval_batch: int = 256
     guard_metric: str | None = None
     guard_max_ratio: float = 1.05
+    stop_rule: str = "plateau"
     stop_patience: int = 0
     stop_min_gain_se: float = 0.0
+    stop_window: int = 6
+    stop_slope_se: float = 1.0
     lr_schedule: str = "constant"
     lr_final_ratio: float = 0.1
     seed: int = 0
@@ -138,11 +142,15 @@ class RDPOConfig:
             raise ConfigError(f"rdpo.advantage: {self.advantage!r}; accepted: 'rloo', 'legacy_mixed'")
         if not self.rewards or not any(w > 0 for w in self.rewards.values()):
             raise ConfigError("rdpo.rewards: need at least one reward with a positive weight")
-        PlateauStopper(self.stop_patience, self.stop_min_gain_se)  # raises on bad values
+        self.new_stopper()  # raises on bad values
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"rdpo.lr_schedule: {self.lr_schedule!r}; accepted: {sorted(LR_SCHEDULES)}")
         if not 0 <= self.lr_final_ratio <= 1:
             raise ConfigError(f"rdpo.lr_final_ratio: must be in [0, 1], got {self.lr_final_ratio}")
+
+    def new_stopper(self):
+        """A fresh stopper for the ``stop_*`` keys (:func:`~epd.rdpo.stopping.make_stopper`)."""
+        return make_stopper(**{k: getattr(self, k) for k in STOP_KEYS})
 
     def lr_at(self, step: int) -> float:
         """Learning rate for PPO step ``step`` (0-based) under ``lr_schedule`` (stateless, so resume-exact)."""
@@ -240,7 +248,7 @@ class RDPOTrainer:
         self.g_update = torch.Generator().manual_seed(cfg.seed * 104729 + 29)
         self.step = 0
         self.best = {"step": 0, "reward": -math.inf}
-        self.stopper = PlateauStopper(cfg.stop_patience, cfg.stop_min_gain_se)
+        self.stopper = cfg.new_stopper()
         self.history: list[dict] = []
         self._perm = torch.randperm(len(train_prompts), generator=torch.Generator().manual_seed(cfg.seed))
 
@@ -555,7 +563,8 @@ class RDPOTrainer:
                 "stopped_at": self.step, "steps": steps,
                 "reason": self.stopper.reason or f"budget: ran all {steps} steps (rdpo.steps)",
                 "rollouts": self.step * self.cfg.rollout_batch_size,
-                "stop_patience": self.cfg.stop_patience, "stop_min_gain_se": self.cfg.stop_min_gain_se,
+                **{k: getattr(self.cfg, k) for k in (STOP_KEYS[1:3] if self.cfg.stop_rule == "plateau" else
+                                                     (STOP_KEYS[0],) + STOP_KEYS[3:])},
                 "evaluations": [{k: finite(v) for k, v in e.items()} for e in self.stopper.log]}
 
     def _finish(self, steps: int) -> None:
