@@ -219,6 +219,7 @@ class Bench:
 
     def __init__(self, args, info: dict, gpus: list[int]):
         self.args, self.info, self.gpus = args, info, gpus
+        self.weights_s: dict[str, float] = {}
         self.work = Path(args.workdir).resolve()
         self.deadline = time.time() + args.budget_s if args.budget_s else None
         self.env = _env(CPU_ENV if args.device == "cpu" else {})
@@ -239,10 +240,11 @@ class Bench:
         """``epd weights fake`` for ``kind`` (and HPS); returns an error text or None."""
         cmd = [sys.executable, "-m", "epd.cli", "weights", "fake", "--size", self.args.size, "--backbones", kind,
                "--scorers", REWARD if with_reward else "none", "--out", str(root), "--force"]
-        left = self.left()
-        rc, sec = run_command(cmd, self.env, self.work / "logs" / f"weights_{kind}.log", left)
+        log = self.work / "logs" / f"weights_{kind}.log"
+        rc, sec = run_command(cmd, self.env, log, self.left())
         print(f"[gpu_rdpo_dp] fake {self.args.size} weights for {kind}: rc {rc}, {sec:.1f} s", flush=True)
-        return None if rc == 0 else f"epd weights fake failed (rc {rc}):\n{log_tail(self.work / 'logs' / f'weights_{kind}.log')}"
+        self.weights_s[kind] = round(sec, 1)
+        return None if rc == 0 else f"epd weights fake failed (rc {rc}):\n{log_tail(log)}"
 
     # --------------------------------------------------------------------------------------- one backbone
     def case(self, config: str, name: str, reward_written: bool) -> bool:
@@ -269,6 +271,7 @@ class Bench:
         (d / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         init = save(start_table(sec), d / "init")
         root, error = self._weights(kind, reward_written)
+        base["fake_weights_s"] = self.weights_s.get(kind)  # time to write this backbone's fake weights (if any)
         ref: dict | None = None
         for g in self.gpus:
             row, table = self.run_one(base, d, name, init, root, g, ref, error)
@@ -315,11 +318,12 @@ class Bench:
         cmd = [sys.executable, "-m", "epd.cli", "rdpo", "--config", str(d / "config.yaml"), "--backbone", name,
                "--init", str(init), "--out", str(out), "--steps", str(args.steps), "--device", args.device,
                "--gpus", str(g)] + (["--shard-update"] if args.shard_update and g > 1 else [])
-        rc, wall = run_command(cmd, {**self.env, "EPD_WEIGHTS_DIR": str(root)}, d / f"gpus{g}.log", left)
+        log = self.work / "logs" / f"{name}_gpus{g}.log"
+        rc, wall = run_command(cmd, {**self.env, "EPD_WEIGHTS_DIR": str(root)}, log, left)
         row["wall_s"] = round(wall, 2)
         if rc != 0:
             row["error"] = f"epd rdpo --gpus {g} exited {rc}" + (" (timeout)" if rc == 124 else "") + \
-                f":\n{log_tail(d / f'gpus{g}.log')}"
+                f":\n{log_tail(log)}"
             return row, None
         hist = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
         times = step_times(hist)
