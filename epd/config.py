@@ -20,7 +20,7 @@ ASSETS_FETCH = "epd assets fetch   (or, offline: epd assets fetch --mirror DIR, 
 # Keys of a ``backbones.<name>`` section (the schema's ``$defs.backbone``) that describe the study, not the model:
 # backbone adapters ignore them (the others, kind/guidance/model_path/resolution/coords/backend_config, are theirs).
 STUDY_KEYS = ("solvers", "nfes", "distill_nfes", "rdpo_nfes", "metrics", "predictors", "prompts", "student", "teacher",
-              "distill", "rdpo", "train", "bench", "sample", "peers")
+              "distill", "rdpo", "train", "bench", "sample", "peers", "paper_scale")
 
 
 def dataclass_from_dict(cls, d: dict | None, section: str):
