@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from epd.io import parse_seeds
-from epd.report.cost import paper_scale, projected_hours
+from epd.report.cost import PAPER_SCALE_KEYS, paper_scale, projected_hours
 
 # Scaled-down counts: peak memory is set by the batch settings, which stay at the paper's values.
 COUNTS = {"eval_prompts": 8, "teacher_seeds": 8, "distill_iterations": 4, "rdpo_steps": 4, "rdpo_eval_seeds": 8}
@@ -81,11 +81,12 @@ def _projection(stage: str, per_item: float, full: dict, backbone: str, rows_ful
     own = {"eval_prompts": len(parse_seeds(sec["sample"]["seeds"])),
            "teacher_seeds": len(parse_seeds(sec["teacher"]["seeds"])),
            "distill_iterations": sec["distill"]["iterations"], "rdpo_steps": sec["rdpo"]["steps"]}
-    n = {k: scale.get(k) or v for k, v in own.items()}
-    items = {"teacher": n["teacher_seeds"], "distill": n["distill_iterations"], "rdpo": n["rdpo_steps"],
-             "sample": n["eval_prompts"] * rows_full, "evaluate": n["eval_prompts"] * rows_full * len(METRICS),
-             "report": 1}[stage]
-    return projected_hours(per_item, items)
+    if stage == "report":
+        return projected_hours(per_item, 1)
+    key = PAPER_SCALE_KEYS[stage]
+    per_run = scale.get(key) or own[key]
+    rows = {"sample": rows_full, "evaluate": rows_full * len(METRICS)}.get(stage, 1)  # per row (and metric)
+    return projected_hours(per_item, per_run * rows)
 
 
 def aggregate(log_rows: list[dict], cfg: dict, full: dict, backbone: str, failed: set[str], gpu: str) -> list[dict]:

@@ -28,10 +28,13 @@ import torch
 
 from ..errors import ConfigError
 
-__all__ = ["PlateauStopper", "TrendStopper", "make_stopper", "paired_gain_se", "slope_with_se", "STOP_KEYS", "STOP_RULES"]
+__all__ = ["PlateauStopper", "TrendStopper", "make_stopper", "paired_gain_se", "slope_with_se", "RECORD_KEYS",
+           "STOP_KEYS", "STOP_RULES"]
 
-STOP_RULES = ("plateau", "trend")
 STOP_KEYS = ("stop_rule", "stop_patience", "stop_min_gain_se", "stop_window", "stop_slope_se")  # rdpo config keys
+# the keys stop.json records per rule (plateau: without stop_rule, as before the trend rule existed)
+RECORD_KEYS = {"plateau": ("stop_patience", "stop_min_gain_se"), "trend": ("stop_rule", "stop_window", "stop_slope_se")}
+STOP_RULES = tuple(RECORD_KEYS)
 
 
 def paired_gain_se(new: torch.Tensor, ref: torch.Tensor) -> float:
@@ -46,7 +49,22 @@ def paired_gain_se(new: torch.Tensor, ref: torch.Tensor) -> float:
     return mean / se
 
 
-class PlateauStopper:
+class _ReferenceStopper:
+    """What both rules share: the held-out scores each evaluation's paired gain is measured against."""
+
+    ref: torch.Tensor | None = None
+    ref_step: int = 0
+
+    def start(self, rewards: torch.Tensor, step: int = 0) -> None:
+        """The reference: the start table's held-out scores (the plateau rule moves it on progress)."""
+        self.ref, self.ref_step = rewards.detach().double().cpu().clone(), int(step)
+
+    def _require_start(self) -> None:
+        if self.ref is None:
+            raise ConfigError(f"{type(self).__name__}.update: call start() with the start table's scores first")
+
+
+class PlateauStopper(_ReferenceStopper):
     """Patience rule over paired held-out evaluations (see the module docstring).
 
     Args:
@@ -68,14 +86,9 @@ class PlateauStopper:
     def enabled(self) -> bool:
         return self.patience > 0
 
-    def start(self, rewards: torch.Tensor, step: int = 0) -> None:
-        """The first reference: the start table's held-out scores."""
-        self.ref, self.ref_step = rewards.detach().double().cpu().clone(), int(step)
-
     def update(self, step: int, rewards: torch.Tensor, guard_ok: bool = True) -> bool:
         """Record the evaluation after ``step``; True when training should stop now."""
-        if self.ref is None:
-            raise ConfigError("PlateauStopper.update: call start() with the start table's scores first")
+        self._require_start()
         gain = paired_gain_se(rewards, self.ref)
         progress = bool(guard_ok) and gain >= self.min_gain_se and gain > 0
         self.log.append({"step": int(step), "ref_step": self.ref_step, "gain_se": gain, "guard_ok": bool(guard_ok),
@@ -111,7 +124,7 @@ def slope_with_se(x: list[float], y: list[float]) -> tuple[float, float]:
     return b, math.sqrt(float((res * res).sum()) / (len(x) - 2) / sxx)
 
 
-class TrendStopper:
+class TrendStopper(_ReferenceStopper):
     """Stop once the held-out curve no longer rises (see the module docstring).
 
     Args:
@@ -132,14 +145,9 @@ class TrendStopper:
 
     enabled = True
 
-    def start(self, rewards: torch.Tensor, step: int = 0) -> None:
-        """The start table's held-out scores (the gain each evaluation logs is measured against them)."""
-        self.ref, self.ref_step = rewards.detach().double().cpu().clone(), int(step)
-
     def update(self, step: int, rewards: torch.Tensor, guard_ok: bool = True) -> bool:
         """Record the evaluation after ``step``; True when training should stop now."""
-        if self.ref is None:
-            raise ConfigError("TrendStopper.update: call start() with the start table's scores first")
+        self._require_start()
         entry = {"step": int(step), "gain_se": paired_gain_se(rewards, self.ref), "guard_ok": bool(guard_ok)}
         if guard_ok:
             self.points.append((int(step), float(rewards.double().mean())))

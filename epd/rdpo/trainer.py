@@ -42,7 +42,7 @@ from ..solvers.epd import sample_epd
 from ..table import EPDTable
 from .policy import EPDParamPolicy
 from .ranks import Ranks
-from .stopping import STOP_KEYS, make_stopper
+from .stopping import RECORD_KEYS, STOP_KEYS, make_stopper
 
 log = logging.getLogger(__name__)
 
@@ -563,8 +563,7 @@ class RDPOTrainer:
                 "stopped_at": self.step, "steps": steps,
                 "reason": self.stopper.reason or f"budget: ran all {steps} steps (rdpo.steps)",
                 "rollouts": self.step * self.cfg.rollout_batch_size,
-                **{k: getattr(self.cfg, k) for k in (STOP_KEYS[1:3] if self.cfg.stop_rule == "plateau" else
-                                                     (STOP_KEYS[0],) + STOP_KEYS[3:])},
+                **{k: getattr(self.cfg, k) for k in RECORD_KEYS[self.cfg.stop_rule]},
                 "evaluations": [{k: finite(v) for k, v in e.items()} for e in self.stopper.log]}
 
     def _finish(self, steps: int) -> None:

@@ -139,7 +139,8 @@ def _write_backbone(bb: str, rows: list[Row], runs: list[dict], history: dict, o
         atomic_write_text(d / "cost.md", cost.render_cost(bb, costs, runs, scale or {}))
     elif (d / "cost.md").exists():
         (d / "cost.md").unlink()
-    return {"cost_hours": sum(c.projected_hours for c in costs) if costs else None, "labels": unique_labels(rows), "plots": [n for n, ok in made.items() if ok], "rows": len(rows),
+    return {"labels": unique_labels(rows), "plots": [n for n, ok in made.items() if ok], "rows": len(rows),
+            "cost_hours": sum(c.projected_hours for c in costs) if costs else None,
             "grids": grids.write_grids(rows, d, bb),
             "git_sha": sorted({run_field(r, "git_sha") for r in used} - {""}),
             "config_hash": sorted({run_field(r, "config_hash") for r in used} - {""}),

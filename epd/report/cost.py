@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
+from ..errors import ConfigError
 from ..io import parse_seeds
 from .export import run_field
 
@@ -69,7 +70,7 @@ def _count_seeds(text: str) -> float:
         return float(m.group(1))
     try:
         return float(len(parse_seeds(text)))
-    except Exception:  # noqa: BLE001  (an unreadable spec counts as unknown)
+    except ConfigError:  # an unreadable spec counts as unknown
         return math.nan
 
 
