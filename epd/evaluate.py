@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from .errors import ConfigError, EPDError, NonFiniteError
+from .memory import out_of_memory_names
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,8 @@ def _score_all(names, samples, weights_dir, device, batch_size, fid_ref, rmse_im
     descriptions = dict(list_scorers())
     results, columns = {}, {}
     for name in names:
-        results[name] = _run_metric(name, samples, weights_dir, device, batch_size, fid_ref)
+        with out_of_memory_names("epd evaluate --batch-size", batch_size, f"metric {name}"):
+            results[name] = _run_metric(name, samples, weights_dir, device, batch_size, fid_ref)
         if "scores" in results[name]:
             columns[name] = results[name].pop("scores")
     if rmse_images is not None:

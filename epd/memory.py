@@ -1,8 +1,8 @@
 """GPU memory: an out-of-memory error that names the batch setting to lower.
 
-A stage's peak memory is set by its batch settings (``sample.batch``, ``rdpo.eval_batch``, ``--batch-size``), not by
-its counts. :func:`out_of_memory_names` turns CUDA's out-of-memory error inside a batch into an :class:`EPDError`
-naming that setting, its value and a smaller one to try.
+A stage's peak memory is set by its batch settings (``teacher.batch``, ``distill.micro_batch``, ``rdpo.eval_batch``,
+``sample.batch``, ``epd evaluate --batch-size``), not by its counts. :func:`out_of_memory_names` turns CUDA's
+out-of-memory error inside a batch into an :class:`EPDError` naming that setting, its value and a smaller one to try.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from .errors import ConfigError, EPDError
 from .io import atomic_path, atomic_write_json, config_hash, parse_seeds, read_json
+from .memory import out_of_memory_names
 from .predictor import load as load_table
 from .prompts import pair, resolve_prompts
 from .solvers import TABLE_SOLVERS, solve
@@ -116,8 +117,9 @@ def sample_to_dir(backbone, *, solver: str, seeds: list[int], prompts: list[str]
     latents = {}
     for start in tqdm(range(0, len(todo), batch), desc=f"sample {label}", unit="batch", disable=not todo):
         chunk = todo[start:start + batch]
-        x, imgs, out = sample_batch(backbone, solver, [c[0] for c in chunk], [c[1] for c in chunk], sigmas, table,
-                                    denoiser=denoiser)
+        with out_of_memory_names("sample.batch (epd sample --batch)", batch, f"sampling {label}"):
+            x, imgs, out = sample_batch(backbone, solver, [c[0] for c in chunk], [c[1] for c in chunk], sigmas,
+                                        table, denoiser=denoiser)
         if imgs.dim() != 4 or imgs.shape[1] != 3:
             raise EPDError(f"backbone {backbone.name}: decodes to shape {tuple(imgs.shape)}, not RGB images "
                            "(B, 3, H, W); `epd sample` writes images, use `epd teacher` or the library for this one")

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from .config import backbone_section, load_config
 from .errors import EPDError
 from .io import atomic_path, atomic_write_json, config_hash, parse_seeds, read_json
+from .memory import out_of_memory_names
 from .prompts import pair, resolve_prompts
 from .solvers import solve
 from .study import study_spec, teacher_sigmas
@@ -57,8 +58,9 @@ def generate(backbone, *, prompts: list[str], seeds: list[int], num_points: int,
         s, p = seeds[start:start + batch], paired[start:start + batch]
         x = backbone.noise(s, sigma=float(teacher[0]))
         cond = backbone.prepare(p)
-        out = solve(solver, backbone.denoiser, x, teacher.to(x.dtype), cond=cond, return_trajectory=True,
-                    context=[f"teacher seed {a}, prompt {b!r}" for a, b in zip(s, p)])
+        with out_of_memory_names("teacher.batch", batch, "the teacher solve"):
+            out = solve(solver, backbone.denoiser, x, teacher.to(x.dtype), cond=cond, return_trajectory=True,
+                        context=[f"teacher seed {a}, prompt {b!r}" for a, b in zip(s, p)])
         traj = torch.stack(out.trajectory, 1)[:, :: M + 1][:, 1:]  # student points 1..N-1
         nfe, fwd = out.nfe, out.forward_passes
         from safetensors.torch import save_file

@@ -263,3 +263,26 @@ def test_fid_and_mlflow(env, tmp_path, monkeypatch):
     assert runs["metrics.clip_se"][0] == pytest.approx(clip["se"])
     assert runs["metrics.fid_clean"][0] == pytest.approx(fid["fid"])  # a set statistic: no _mean/_se
     assert runs["tags.stage"][0] == "evaluate"
+
+
+def test_out_of_memory_names_the_batch_setting_and_leaves_no_outputs(env, tmp_path, capsys, monkeypatch):
+    """CUDA's out-of-memory error inside a metric's batches becomes one error naming --batch-size (exit 2)."""
+    import epd.evaluate
+
+    d = tmp_path / "samples"
+    write_samples(d)
+    real = epd.evaluate._run_metric
+
+    def oom_on_aesthetic(name, *a, **k):
+        if name == "aesthetic":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(epd.evaluate, "_run_metric", oom_on_aesthetic)
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--images", str(d), "--metrics", "clip", "aesthetic", "--batch-size", "6",
+               "--out-dir", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "metric aesthetic: out of GPU memory at epd evaluate --batch-size=6" in err
+    assert "lower epd evaluate --batch-size (e.g. 3)" in err
+    assert not out.exists()
