@@ -32,7 +32,7 @@ import torch
 
 from ..io import atomic_write_json, parse_seeds
 from ..metrics.stats import paired_diff
-from ..rdpo.stopping import STOP_KEYS, STOP_RULES, make_stopper
+from ..rdpo.stopping import RECORD_KEYS, STOP_KEYS, STOP_RULES, make_stopper
 from .rdpo_checks import dp_and_preempt
 from .study import distilled_table, ensure_backbone, eval_set, load_study, machine, run_solver
 
@@ -245,9 +245,8 @@ def stop_rule(rcfg, given: dict | None = None) -> dict:
         rule.update(stop_patience=3, stop_min_gain_se=1.0)
     rule.update(given or {})
     make_stopper(**rule)  # bad values fail here, naming the key
-    keep = STOP_KEYS[1:3] if rule["stop_rule"] == "plateau" else (STOP_KEYS[0],) + STOP_KEYS[3:]
-    src = "config" if on else "bench default"
-    return {**{k: rule[k] for k in keep}, "from": src + (" and command line" if given else "")}
+    src = ("config" if on else "bench default") + (" and command line" if given else "")
+    return {**{k: rule[k] for k in RECORD_KEYS[rule["stop_rule"]]}, "from": src}
 
 
 def bench_rdpo(config: str, workdir: Path, weights: str | None = None, nfe: int = 5, n_eval: int = 1000,
